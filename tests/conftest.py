@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny random-config models (fast, offline, deterministic) and the shared data folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    values = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
+def make_tiny_model(config, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_model(tiny_llama_config())
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder {SHARED_DATA} is not present")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    """The embedded model's real tokenizer (read from the GGUF file once per session)."""
+    from tomoe.loading import embedded_model_source, load_tokenizer
+
+    return load_tokenizer(embedded_model_source())
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smol_tokenizer) -> Path:
+    """A tiny random Llama saved as a local HF folder, with the real SmolLM2 tokenizer (vocab 49152)."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_model(tiny_llama_config(vocab_size=len(smol_tokenizer), pad_token_id=smol_tokenizer.pad_token_id,
+                                      eos_token_id=smol_tokenizer.eos_token_id, bos_token_id=smol_tokenizer.bos_token_id)).save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_text_file(tmp_path_factory) -> Path:
+    """A small local calibration text (documents separated by blank lines)."""
+    path = tmp_path_factory.mktemp("data") / "calib.txt"
+    words = "the quick brown fox jumps over the lazy dog while seven wizards quietly judge boxing matches".split()
+    docs = [" ".join(words[(i + j) % len(words)] for j in range(40 + i % 17)) for i in range(60)]
+    path.write_text("\n\n".join(docs) + "\n")
+    return path

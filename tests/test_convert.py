@@ -1,0 +1,130 @@
+"""End to end `tomoe convert` on a tiny model: progress toward p, resume, determinism, bad input."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tomoe.train
+from tomoe.cli import main
+from tomoe.config import ToMoEConfig
+from tomoe.errors import ToMoEError
+from tomoe.run import TrainConfig, latest_checkpoint_dir, read_log, read_run
+from tomoe.train import convert
+
+
+def _train_config(model_dir, data, **overrides):
+    values = dict(model=str(model_dir), data=str(data), steps=12, seq_len=32, batch_size=2, save_every=4, log_every=2, eval_blocks=2)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _routing_weights(run_dir):
+    return load_file(str(latest_checkpoint_dir(run_dir) / "routing.safetensors"))
+
+
+def test_training_moves_active_ratio_to_target_and_kd_recovers(tmp_path, tiny_model_dir, tiny_text_file):
+    info = convert(tmp_path / "run", ToMoEConfig(target_active=0.5), _train_config(tiny_model_dir, tiny_text_file, steps=200, save_every=100, log_every=5), progress=False)
+    log = read_log(tmp_path / "run")
+    assert info.status == "finished" and log[-1]["step"] == 200
+    assert log[0]["active_ratio"] > 0.85  # offset b = 3 starts every expert near the full width
+    late = [r["active_ratio"] for r in log[-10:]]
+    assert abs(sum(late) / len(late) - 0.5) < 0.05
+    assert abs(info.result["active_ratio"] - 0.5) < 0.06
+    kd = [r["kd"] for r in log]
+    peak = max(range(len(kd)), key=kd.__getitem__)
+    assert peak < len(kd) - 5 and sum(kd[-5:]) / 5 < kd[peak]  # KD falls again once the ratio has settled
+    assert len(info.result["expert_widths"]) == 2 and len(info.result["expert_widths"][0]) == 8
+
+
+def test_same_seed_same_result_and_other_seed_differs(tmp_path, tiny_model_dir, tiny_text_file):
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        convert(tmp_path / name, ToMoEConfig(), _train_config(tiny_model_dir, tiny_text_file, seed=seed), progress=False)
+    a, b, c = (_routing_weights(tmp_path / n) for n in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_resume_after_interruption_reproduces_uninterrupted_run(tmp_path, tiny_model_dir, tiny_text_file, monkeypatch):
+    config = _train_config(tiny_model_dir, tiny_text_file)
+    convert(tmp_path / "full", ToMoEConfig(), config, progress=False)
+
+    real_step, calls = tomoe.train.training_step, {"n": 0}
+
+    def interrupted_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:  # after the checkpoint at step 4, in the middle of the run
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(tomoe.train, "training_step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        convert(tmp_path / "cut", ToMoEConfig(), config, progress=False)
+    monkeypatch.setattr(tomoe.train, "training_step", real_step)
+    assert read_run(tmp_path / "cut").status == "running"
+    with pytest.raises(ToMoEError, match="--resume"):
+        convert(tmp_path / "cut", ToMoEConfig(), config, progress=False)
+    convert(tmp_path / "cut", ToMoEConfig(), config, resume=True, progress=False)
+    full, cut = _routing_weights(tmp_path / "full"), _routing_weights(tmp_path / "cut")
+    assert all(torch.equal(full[k], cut[k]) for k in full)
+    assert [r["step"] for r in read_log(tmp_path / "cut")] == [r["step"] for r in read_log(tmp_path / "full")]
+
+
+def test_cli_convert_writes_run(tmp_path, tiny_model_dir, tiny_text_file, capsys):
+    out = tmp_path / "cli-run"
+    code = main(["convert", "--model", str(tiny_model_dir), "--data", str(tiny_text_file), "--steps", "3", "--seq-len", "16",
+                 "--batch-size", "1", "--experts", "2", "--target-active", "0.7", "--attention", "none", "--out", str(out), "--quiet"])
+    assert code == 0
+    run = json.loads((out / "tomoe_run.json").read_text())
+    assert run["status"] == "finished" and run["tomoe"]["num_experts"] == 2 and run["tomoe"]["attention"] == "none"
+    assert run["result"]["qk_dims"] == [16, 16] and run["result"]["vo_topk"] == [16, 16]
+    assert "active ratio" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--target-active", "0"], "target active ratio must be in (0, 1]"),
+        (["--target-active", "1.5"], "target active ratio must be in (0, 1]"),
+        (["--experts", "0"], "number of experts must be an integer >= 1"),
+        (["--model", "/no/such/model"], "does not exist"),
+        (["--data", "/no/such/file.txt"], "/no/such/file.txt"),
+        (["--data", "nonsense-source"], "Accepted --data values"),
+        (["--seq-len", "100000"], "longer than the model's context"),
+        (["--attention", "none", "--target-active", "0.1"], "cannot be reached with --attention none"),
+    ],
+)
+def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, tiny_model_dir, tiny_text_file, capsys, args, message):
+    out = tmp_path / "out"
+    base = {"--model": str(tiny_model_dir), "--data": str(tiny_text_file), "--seq-len": "16"}
+    for flag in args[::2]:
+        base.pop(flag, None)
+    argv = ["convert", *sum(([k, v] for k, v in base.items()), []), *args, "--steps", "2", "--out", str(out), "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_unsupported_architecture_and_empty_data(tmp_path, tiny_model_dir, smol_tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(smol_tokenizer))).save_pretrained(gpt2)
+    with pytest.raises(ToMoEError, match="unsupported architecture 'gpt2'.*llama"):
+        convert(tmp_path / "o1", ToMoEConfig(), TrainConfig(model=str(gpt2), steps=1, seq_len=16))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(ToMoEError):
+        convert(tmp_path / "o2", ToMoEConfig(), TrainConfig(model=str(tiny_model_dir), data=str(empty), steps=1, seq_len=16))
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_out_holding_something_else_is_refused(tmp_path, tiny_model_dir, tiny_text_file):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ToMoEError, match="holds no tomoe run"):
+        convert(out, ToMoEConfig(), _train_config(tiny_model_dir, tiny_text_file))
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]

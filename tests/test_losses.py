@@ -1,0 +1,87 @@
+"""Each loss term against a hand computation, and the active ratio against a brute-force weight count."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from tomoe.config import ToMoEConfig
+from tomoe.losses import active_ratio, kd_loss, layer_widths, load_balance_loss, log_ratio_loss, union_loss
+from tomoe.patch import ForwardState, attach
+
+
+def test_kd_is_forward_kl_over_non_padding_tokens_and_chunking_does_not_change_it():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=False)
+    student, teacher = torch.randn(2, 6, 8, requires_grad=True), torch.randn(2, 6, 8)
+    token_mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    expected = 0.0
+    for b in range(2):
+        for t in range(6):
+            if token_mask[b, t]:
+                p = F.softmax(head(teacher[b, t]), -1)
+                q = F.softmax(head(student[b, t]), -1)
+                expected = expected + (p * (p.log() - q.log())).sum()
+    expected = expected / token_mask.sum()
+    whole = kd_loss(student, teacher, head, token_mask, chunk_tokens=1000)
+    chunked = kd_loss(student, teacher, head, token_mask, chunk_tokens=3)
+    torch.testing.assert_close(whole, expected)
+    torch.testing.assert_close(chunked, expected)
+    (grad_whole,) = torch.autograd.grad(whole, student)
+    (grad_chunked,) = torch.autograd.grad(chunked, student)
+    torch.testing.assert_close(grad_whole, grad_chunked)
+    assert kd_loss(teacher, teacher, head, token_mask).item() < 1e-6
+
+
+def test_log_ratio_loss_is_symmetric_in_ratio():
+    assert math.isclose(log_ratio_loss(torch.tensor(0.25), 0.5).item(), math.log(2), rel_tol=1e-6)
+    assert math.isclose(log_ratio_loss(torch.tensor(1.0), 0.5).item(), math.log(2), rel_tol=1e-6)
+    assert log_ratio_loss(torch.tensor(0.5), 0.5).item() == 0.0
+
+
+def _state(expert_masks, routes=None, vo_masks=None):
+    n = len(expert_masks)
+    return ForwardState(expert_masks, [None] * n, [None] * n, routes or [None] * n, vo_masks or [None] * n, [None] * n)
+
+
+def test_union_loss_hand_computation():
+    mlp = torch.tensor([[1.0, 0, 0, 0], [1, 1, 0, 0]])  # union covers 2 of 4 channels
+    vo = torch.tensor([[[1.0, 0, 0], [0, 1, 0]], [[0, 0, 0], [0, 0, 1]]])  # (B=2, T=2, 3); token (1,1) is padding
+    token_mask = torch.tensor([[True, True], [True, False]])
+    state = _state([mlp], vo_masks=[vo])
+    # MLP coverage 2/4; attention coverage over non-padding tokens: dims {0, 1} of 3.
+    expected = (-math.log(2 / 4) - math.log(2 / 3)) / 2
+    assert math.isclose(union_loss(state, token_mask).item(), expected, rel_tol=1e-6)
+
+
+def test_load_balance_hand_computation():
+    one_hot = torch.tensor([[[1.0, 0], [1, 0], [0, 1]]])  # F = (2/3, 1/3)
+    probs = torch.tensor([[[0.9, 0.1], [0.6, 0.4], [0.3, 0.7]]])  # P = (0.6, 0.4)
+    state = _state([torch.ones(2, 4)], routes=[(one_hot, probs)])
+    expected = 2 * (2 / 3 * 0.6 + 1 / 3 * 0.4)
+    assert math.isclose(load_balance_loss(state, torch.ones(1, 3, dtype=torch.bool)).item(), expected, rel_tol=1e-6)
+
+
+def test_active_ratio_equals_brute_force_count_of_kept_weights(tiny_llama):
+    routing = attach(tiny_llama, ToMoEConfig(num_experts=4)).eval()
+    with torch.no_grad():
+        for projection in [r.mask_proj for r in routing.mlp] + [p for r in routing.attention for p in (r.vo_proj, r.qk_proj)]:
+            projection[2].bias.normal_(-2.5, 2.0)
+        tiny_llama(torch.randint(0, 256, (2, 10)))
+    state, geo = routing.state, routing.geometry
+    token_mask = torch.ones(2, 10, dtype=torch.bool)
+    ratio = active_ratio(layer_widths(state, geo, token_mask, round_vo=True), geo).item()
+
+    kept = total = 0
+    for index, layer in enumerate(tiny_llama.model.layers):
+        mlp, attn = layer.mlp, layer.self_attn
+        widest = state.expert_masks[index][state.expert_masks[index].sum(-1).argmax()].bool()
+        kept += mlp.gate_proj.weight[widest].numel() + mlp.up_proj.weight[widest].numel() + mlp.down_proj.weight[:, widest].numel()
+        qk = state.qk_masks[index].bool()
+        k_vo = int(torch.round(state.vo_masks[index].sum(-1).mean()).item())
+        hd, d = geo.head_dim, geo.hidden_size
+        kept += attn.q_proj.weight.view(-1, hd, d)[:, qk].numel() + attn.k_proj.weight.view(-1, hd, d)[:, qk].numel()
+        kept += attn.v_proj.weight.view(-1, hd, d)[:, :k_vo].numel() + attn.o_proj.weight.view(d, -1, hd)[:, :, :k_vo].numel()
+        total += sum(m.weight.numel() for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
+    assert 0.05 < kept / total < 0.95
+    assert math.isclose(ratio, kept / total, rel_tol=1e-6)

@@ -1,0 +1,114 @@
+"""Routing modules: shapes and straight-through semantics."""
+
+import torch
+
+from tomoe.config import ToMoEConfig
+from tomoe.families import LLAMA
+from tomoe.nn import AttentionRouting, HyperNetwork, MLPRouting, st_gumbel_sigmoid, st_gumbel_softmax
+from tomoe.patch import attach
+
+
+def test_gumbel_softmax_is_exact_one_hot_with_soft_gradient():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 7, 8, requires_grad=True)
+    one_hot, probs = st_gumbel_softmax(logits, tau=0.4)
+    assert torch.equal(one_hot.sum(-1), torch.ones(5, 7))
+    assert set(one_hot.detach().unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(one_hot.argmax(-1), probs.argmax(-1))
+
+
+def test_gumbel_softmax_gradient_equals_soft_path():
+    logits = torch.randn(4, 6, requires_grad=True)
+    weights = torch.randn(6)
+    torch.manual_seed(1)
+    one_hot, _ = st_gumbel_softmax(logits, tau=0.4)
+    (grad_hard,) = torch.autograd.grad((one_hot * weights).sum(), logits)
+    torch.manual_seed(1)
+    _, probs = st_gumbel_softmax(logits, tau=0.4)
+    (grad_soft,) = torch.autograd.grad((probs * weights).sum(), logits)
+    torch.testing.assert_close(grad_hard, grad_soft)
+
+
+def test_deterministic_softmax_is_argmax():
+    logits = torch.randn(10, 8)
+    one_hot, _ = st_gumbel_softmax(logits, tau=0.4, stochastic=False)
+    assert torch.equal(one_hot.argmax(-1), logits.argmax(-1))
+
+
+def test_gumbel_sigmoid_exact_binary_offset_and_gradient():
+    logits = torch.linspace(-6, 6, 101, requires_grad=True)
+    mask = st_gumbel_sigmoid(logits, tau=0.4, offset=3.0, stochastic=False)
+    assert set(mask.detach().unique().tolist()) == {0.0, 1.0}
+    # Deterministic: round(sigmoid((x + b) / tau)) keeps exactly x > -b.
+    assert torch.equal(mask.detach().bool(), logits.detach() > -3.0)
+    mask.sum().backward()
+    soft = torch.sigmoid((logits.detach() + 3.0) / 0.4)
+    torch.testing.assert_close(logits.grad, soft * (1 - soft) / 0.4)
+    torch.manual_seed(0)
+    noisy = st_gumbel_sigmoid(torch.zeros(10_000), tau=0.4, offset=3.0)
+    # P(x + logistic noise + 3 > 0) = sigmoid(3) = 0.953 for x = 0.
+    assert abs(noisy.mean().item() - torch.sigmoid(torch.tensor(3.0)).item()) < 0.01
+
+
+def test_module_shapes():
+    hypernet = HyperNetwork(num_structures=6, num_experts=8, input_dim=32, hidden_dim=64)
+    embeddings = hypernet()
+    assert embeddings.shape == (6, 8, 128)
+    assert not hypernet.z.requires_grad and "z" in hypernet.state_dict()
+    mlp = MLPRouting(hidden_size=64, intermediate_size=96, num_experts=8, embed_dim=128)
+    masks = mlp.expert_masks(embeddings[1], tau=0.4, offset=3.0, stochastic=True)
+    assert masks.shape == (8, 96)
+    one_hot, probs = mlp.route(torch.randn(2, 5, 64), tau=0.4, stochastic=True)
+    assert one_hot.shape == probs.shape == (2, 5, 8)
+    assert mlp.router.bias is None
+    attention = AttentionRouting(hidden_size=64, head_dim=16, num_qk_groups=8, embed_dim=128)
+    mean = embeddings[0].mean(0)
+    assert attention.qk_mask(mean, 0.4, 3.0, True).shape == (8,)
+    assert attention.vo_mask(torch.randn(2, 5, 64), mean, 0.4, 3.0, True).shape == (2, 5, 16)
+
+
+def test_qk_groups_pair_rope_dims():
+    geometry = LLAMA.geometry(type("C", (), dict(num_hidden_layers=1, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16))())
+    groups = LLAMA.qk_mask_groups(geometry)
+    assert groups.tolist() == list(range(8)) * 2  # dim i and i + 8 rotate together
+    partial = type(geometry)(**{**geometry.__dict__, "rotary_dim": 8})
+    assert LLAMA.qk_mask_groups(partial).tolist() == [0, 1, 2, 3, 0, 1, 2, 3] + list(range(4, 12))
+
+
+def test_attached_model_applies_masks_where_the_paper_says(tiny_llama):
+    """Patched forward equals a hand-written masked forward of the same layer."""
+    routing = attach(tiny_llama, ToMoEConfig(num_experts=4)).eval()
+    with torch.no_grad():  # spread the mask logits so that some fall below -offset and masks are not all ones
+        for projection in [r.mask_proj for r in routing.mlp] + [p for r in routing.attention for p in (r.vo_proj, r.qk_proj)]:
+            projection[2].bias.normal_(0, 4.0)
+    ids = torch.randint(0, 256, (2, 9))
+    captured = {}
+    layer = tiny_llama.model.layers[0]
+    handle = layer.mlp.register_forward_hook(lambda m, a, o: captured.update(mlp_in=a[0], mlp_out=o))
+    with torch.no_grad():
+        tiny_llama(ids)
+    handle.remove()
+    state = routing.state
+    x = captured["mlp_in"]
+    mlp = layer.mlp
+    expert = routing.mlp[0].router(x).argmax(-1)  # (B, T)
+    channel_mask = state.expert_masks[0][expert]  # (B, T, intermediate)
+    assert 0 < channel_mask.mean() < 1
+    expected = mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x) * channel_mask)
+    torch.testing.assert_close(captured["mlp_out"], expected)
+    qk = state.qk_masks[0]
+    assert torch.equal(qk[:8], qk[8:])  # RoPE pairs share one decision
+    assert set(state.vo_masks[0].unique().tolist()) <= {0.0, 1.0}
+
+
+def test_disabled_routing_is_the_dense_model(tiny_llama):
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        dense = tiny_llama(ids).logits
+        routing = attach(tiny_llama, ToMoEConfig())
+        with routing.disabled():
+            teacher = tiny_llama(ids).logits
+        routing.detach()
+        detached = tiny_llama(ids).logits
+    assert torch.equal(dense, teacher) and torch.equal(dense, detached)
+    assert not any(p.requires_grad for p in tiny_llama.parameters())

@@ -1,0 +1,5 @@
+import sys
+
+from tomoe.cli import main
+
+sys.exit(main())

@@ -1,0 +1,40 @@
+"""The ``tomoe`` command line. Each sub-command lives in its own module with a ``register(subparsers)``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from tomoe.errors import ToMoEError
+
+# Sub-command modules, in the order `tomoe --help` lists them.
+COMMAND_MODULES = ["convert", "eval"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tomoe",
+        description="Convert a dense Hugging Face decoder LLM into a Mixture-of-Experts model (ToMoE).",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"tomoe.cli.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except ToMoEError as error:
+        print(f"tomoe {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"tomoe {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""The method's hyper-parameters. Defaults are the paper's (Sections 3-4, Appendix A-C)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from tomoe.errors import ToMoEError
+
+ATTENTION_MODES = ("dynamic", "none")
+
+
+@dataclass
+class ToMoEConfig:
+    """What to attach to a frozen model and how to train it.
+
+    ``target_active`` is the paper's p in Eq. 8: the fraction of the decoder blocks' linear weights that stay
+    active per token (App. C lists 1 - p as the pruning ratio).
+    """
+
+    target_active: float = 0.5
+    num_experts: int = 8
+    attention: str = "dynamic"  # "dynamic": static Q/K + per-token V/O masks; "none": attention stays dense
+    expert_embed_dim: int = 128  # d_e, the width of the expert embeddings E
+    hypernet_input_dim: int = 32  # z ~ N(0, 1) of size N x 32 per structure (App. A.1)
+    hypernet_hidden_dim: int = 64  # Bi-GRU(32, 64): two directions give d_e = 128
+    tau: float = 0.4  # temperature of ST-Gumbel-softmax and ST-Gumbel-sigmoid (Eq. 14, 15)
+    mask_offset: float = 3.0  # b in Eq. 15: every expert starts as the whole dense width
+    alpha: float = 16.0  # weight of the parameter-budget loss R_P
+    beta: float = 2.0  # weight of the union loss R_U
+    gamma: float = 1.0  # weight of the load-balancing loss R_L
+    hypernet_seed: int = 0  # seed of the fixed hypernetwork inputs z
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if not isinstance(self.target_active, (int, float)) or not 0.0 < self.target_active <= 1.0:
+            raise ToMoEError(f"target active ratio must be in (0, 1], got {self.target_active!r} (e.g. 0.5 keeps half the weights active).")
+        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+            raise ToMoEError(f"number of experts must be an integer >= 1, got {self.num_experts!r}.")
+        if self.attention not in ATTENTION_MODES:
+            raise ToMoEError(f"attention mode must be one of {', '.join(ATTENTION_MODES)}, got {self.attention!r}.")
+        if self.tau <= 0:
+            raise ToMoEError(f"tau must be > 0, got {self.tau!r}.")
+        if self.expert_embed_dim != 2 * self.hypernet_hidden_dim:
+            raise ToMoEError("expert_embed_dim must be twice hypernet_hidden_dim (the Bi-GRU concatenates both directions).")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ToMoEConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ToMoEError(f"unknown ToMoE config keys {sorted(unknown)}; known keys: {sorted(known)}.")
+        return cls(**values)

@@ -1,0 +1,107 @@
+"""The training objective (Eq. 10): KD + alpha * R_P + beta * R_U + gamma * R_L.
+
+Every function takes the :class:`~tomoe.patch.ForwardState` of the student forward pass and a boolean
+``token_mask`` (B, T) marking the non-padding tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from tomoe.families import Geometry
+from tomoe.patch import ForwardState
+
+
+def kd_loss(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    token_mask: torch.Tensor,
+    chunk_tokens: int = 1024,
+) -> torch.Tensor:
+    """Forward KL(teacher || student) over the vocabulary, averaged over non-padding tokens.
+
+    Works from final hidden states and computes logits ``chunk_tokens`` tokens at a time under activation
+    checkpointing, so the teacher and student logits of a long sequence are never held in fp32 at once (a 262k
+    vocabulary at 2048 tokens would be 2 GiB per copy).
+    """
+    student = student_hidden[token_mask]  # (n, d)
+    teacher = teacher_hidden[token_mask]
+    total = student.new_zeros((), dtype=torch.float32)
+    for start in range(0, student.shape[0], chunk_tokens):
+        chunk = slice(start, start + chunk_tokens)
+        total = total + checkpoint(_kl_sum, student[chunk], teacher[chunk], logits_fn, use_reentrant=False)
+    return total / max(student.shape[0], 1)
+
+
+def _kl_sum(student: torch.Tensor, teacher: torch.Tensor, logits_fn) -> torch.Tensor:
+    student_logp = F.log_softmax(logits_fn(student).float(), dim=-1)
+    with torch.no_grad():
+        teacher_logp = F.log_softmax(logits_fn(teacher).float(), dim=-1)
+    return F.kl_div(student_logp, teacher_logp, log_target=True, reduction="sum")
+
+
+def _token_mean(values: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the non-padding tokens of (B, T, ...) values -> (...)."""
+    return values[token_mask].mean(dim=0)
+
+
+@dataclass
+class Widths:
+    """Per-layer widths that determine the active parameter count (all differentiable tensors)."""
+
+    mlp: list[torch.Tensor]  # widest expert of each MLP (Eq. 8 penalises the maximum)
+    qk: list[torch.Tensor]  # query/key dims kept per head
+    vo: list[torch.Tensor]  # value/output dims kept per head, averaged over tokens
+
+
+def layer_widths(state: ForwardState, geometry: Geometry, token_mask: torch.Tensor, round_vo: bool = False) -> Widths:
+    """Widths of every layer. ``round_vo`` uses the exported top-K, K = round(mean dims kept per token)."""
+    mlp = [masks.sum(dim=-1).max() for masks in state.expert_masks]
+    full = torch.tensor(float(geometry.head_dim), device=mlp[0].device)
+    qk = [full if mask is None else mask.sum() for mask in state.qk_masks]
+    vo = []
+    for mask in state.vo_masks:
+        mean = full if mask is None else _token_mean(mask.sum(dim=-1), token_mask)
+        vo.append(torch.round(mean) if round_vo else mean)
+    return Widths(mlp, qk, vo)
+
+
+def active_ratio(widths: Widths, geometry: Geometry) -> torch.Tensor:
+    """Active fraction of the decoder blocks' linear weights, T(d_MoE) / T_total in Eq. 8."""
+    active = sum(
+        geometry.mlp_params_per_channel * mlp + geometry.attention_params(qk, vo)
+        for mlp, qk, vo in zip(widths.mlp, widths.qk, widths.vo)
+    )
+    return active / (geometry.dense_params_per_layer * geometry.num_layers)
+
+
+def log_ratio_loss(value: torch.Tensor, target: float) -> torch.Tensor:
+    """f_reg(x, y) = log(max(x, y) / min(x, y)) = |log x - log y|."""
+    return (torch.log(value.clamp_min(1e-12)) - math.log(target)).abs()
+
+
+def union_loss(state: ForwardState, token_mask: torch.Tensor) -> torch.Tensor:
+    """R_U (Eq. 6-7, 16): mean over structures of f_reg(union coverage, 1).
+
+    MLP: union of the N expert masks (App. B.2). Attention: union of the per-token V/O masks of the batch.
+    """
+    coverages = [1 - torch.prod(1 - masks, dim=0) for masks in state.expert_masks]
+    coverages += [1 - torch.prod(1 - mask[token_mask], dim=0) for mask in state.vo_masks if mask is not None]
+    return torch.stack([log_ratio_loss(c.mean(), 1.0) for c in coverages]).mean()
+
+
+def load_balance_loss(state: ForwardState, token_mask: torch.Tensor) -> torch.Tensor:
+    """R_L (Eq. 9): N * sum_i F_i P_i of the Switch Transformer, averaged over MLP layers."""
+    losses = []
+    for one_hot, probs in state.routes:
+        fraction = _token_mean(one_hot.detach(), token_mask)  # F_i: share of tokens routed to expert i
+        probability = _token_mean(probs, token_mask)  # P_i: mean router probability of expert i
+        losses.append(one_hot.shape[-1] * (fraction * probability).sum())
+    return torch.stack(losses).mean()

@@ -1,0 +1,14 @@
+"""The trainable routing modules of ToMoE (App. A, Table 8)."""
+
+from tomoe.nn.gumbel import st_gumbel_sigmoid, st_gumbel_softmax
+from tomoe.nn.hypernet import HyperNetwork
+from tomoe.nn.routing import AttentionRouting, MaskProjection, MLPRouting
+
+__all__ = [
+    "st_gumbel_sigmoid",
+    "st_gumbel_softmax",
+    "HyperNetwork",
+    "AttentionRouting",
+    "MaskProjection",
+    "MLPRouting",
+]

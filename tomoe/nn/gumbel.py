@@ -1,0 +1,45 @@
+"""Straight-through Gumbel estimators (App. A.3, Eq. 14-15).
+
+Forward values are exactly 0/1: the hard decision plus ``soft - soft.detach()``, which is exactly zero in the
+forward pass and carries the soft gradient in the backward pass. Without noise (``stochastic=False``) they are the
+deterministic decisions used at inference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+    return hard + (soft - soft.detach())
+
+
+def _gumbel_like(x: torch.Tensor) -> torch.Tensor:
+    # -log(Exp(1)) is Gumbel(0, 1); exponential_ never returns 0, so the log is finite.
+    return -torch.empty_like(x).exponential_().log()
+
+
+def st_gumbel_softmax(logits: torch.Tensor, tau: float, stochastic: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-hot choice over the last dim and the soft probabilities it was drawn from.
+
+    Returns ``(one_hot, probs)``: ``one_hot`` is exactly one-hot with gradients of ``probs``.
+    """
+    noisy = logits + _gumbel_like(logits) if stochastic else logits
+    probs = F.softmax(noisy / tau, dim=-1)
+    hard = F.one_hot(noisy.argmax(dim=-1), logits.shape[-1]).to(probs.dtype)
+    return _straight_through(hard, probs), probs
+
+
+def st_gumbel_sigmoid(logits: torch.Tensor, tau: float, offset: float, stochastic: bool = True) -> torch.Tensor:
+    """Binary keep-mask ``round(sigmoid((x + g + b) / tau))``.
+
+    The binary Gumbel-softmax over logits ``[x, 0]`` reduces to a sigmoid whose noise is the difference of two
+    Gumbel samples (a logistic sample), which is what is drawn here.
+    """
+    shifted = logits + offset
+    if stochastic:
+        shifted = shifted + _gumbel_like(logits) - _gumbel_like(logits)
+    soft = torch.sigmoid(shifted / tau)
+    hard = (shifted > 0).to(soft.dtype)  # sigmoid(v / tau) > 0.5  <=>  v > 0
+    return _straight_through(hard, soft)

@@ -1,0 +1,54 @@
+"""Per-layer routing modules: the MLP router + expert-mask projection, and the attention head-dim masks."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tomoe.nn.gumbel import st_gumbel_sigmoid, st_gumbel_softmax
+
+
+class MaskProjection(nn.Sequential):
+    """Proj_D: LayerNorm(d_e) -> GELU -> Linear(d_e, width), giving mask logits (Table 8)."""
+
+    def __init__(self, embed_dim: int, width: int):
+        super().__init__(nn.LayerNorm(embed_dim), nn.GELU(), nn.Linear(embed_dim, width))
+
+
+class MLPRouting(nn.Module):
+    """Top-1 router over N experts and the projection turning expert embeddings into channel masks (Eq. 3)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, embed_dim: int):
+        super().__init__()
+        self.router = nn.Linear(hidden_size, num_experts, bias=False)
+        self.mask_proj = MaskProjection(embed_dim, intermediate_size)
+
+    def expert_masks(self, embeddings: torch.Tensor, tau: float, offset: float, stochastic: bool) -> torch.Tensor:
+        """(N, d_e) expert embeddings -> (N, intermediate) binary channel masks s_e (Eq. 11)."""
+        return st_gumbel_sigmoid(self.mask_proj(embeddings), tau, offset, stochastic)
+
+    def route(self, hidden: torch.Tensor, tau: float, stochastic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(..., d) MLP inputs -> one-hot expert choice G and the soft probabilities P, both (..., N)."""
+        return st_gumbel_softmax(self.router(hidden), tau, stochastic)
+
+
+class AttentionRouting(nn.Module):
+    """Static Q/K head-dim mask and per-token V/O head-dim mask (Eq. 4-5), shared by all heads of a layer."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_qk_groups: int, embed_dim: int):
+        super().__init__()
+        self.token_proj = nn.Linear(hidden_size, embed_dim, bias=False)  # Proj_E^MHA
+        self.vo_proj = MaskProjection(embed_dim, head_dim)  # Proj_D^MHA -> d/H
+        self.qk_proj = MaskProjection(embed_dim, num_qk_groups)  # Proj_D^MHA -> d/2H (one entry per RoPE pair)
+
+    def qk_mask(self, mean_embedding: torch.Tensor, tau: float, offset: float, stochastic: bool) -> torch.Tensor:
+        """s_0: input independent (X = 0 in Eq. 5), one entry per RoPE pair / free dim."""
+        return st_gumbel_sigmoid(self.qk_proj(mean_embedding), tau, offset, stochastic)
+
+    def vo_logits(self, hidden: torch.Tensor, mean_embedding: torch.Tensor) -> torch.Tensor:
+        """Mask logits over head_dim for each token, before the offset and Gumbel noise."""
+        return self.vo_proj(self.token_proj(hidden) + mean_embedding)
+
+    def vo_mask(self, hidden: torch.Tensor, mean_embedding: torch.Tensor, tau: float, offset: float, stochastic: bool) -> torch.Tensor:
+        """s_t for each token: (..., d) -> (..., head_dim)."""
+        return st_gumbel_sigmoid(self.vo_logits(hidden, mean_embedding), tau, offset, stochastic)

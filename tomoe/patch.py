@@ -1,0 +1,204 @@
+"""Attach ToMoE routing to a frozen Hugging Face model, in place, with forward hooks.
+
+``routing = attach(model, config)`` adds no parameters to ``model``: every trainable part lives in the returned
+:class:`ToMoERouting`, which hooks into the model's modules (all located through the family adapter):
+
+* MLP: the router reads the MLP input; the routed expert's channel mask multiplies the input of ``down_proj``,
+  i.e. the intermediate activation ``act(gate) * up`` (Eq. 2-3).
+* Attention: the static Q/K mask multiplies the per-head query/key features (``qk_mask_points``); the per-token
+  V/O mask, computed from the attention input (the input of ``q_proj``), multiplies each head's attention output
+  before ``o_proj``. Masking the attention output per query token equals masking V and O (Eq. 4): the mask is
+  linear and applies after the attention average. The softmax scale is untouched, so it stays the one of the
+  original head_dim.
+
+``with routing.disabled():`` runs the original dense model (the distillation teacher: one copy of the weights).
+``routing.eval()`` switches to deterministic routing (argmax router, noise-free masks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from tomoe.config import ToMoEConfig
+from tomoe.families import FamilyAdapter, Geometry, get_family
+from tomoe.nn import AttentionRouting, HyperNetwork, MLPRouting
+
+
+@dataclass
+class ForwardState:
+    """Masks and routing decisions of the current forward pass (read back by the losses)."""
+
+    expert_masks: list[torch.Tensor]  # per layer (N, intermediate), exactly 0/1
+    qk_masks: list[torch.Tensor | None]  # per layer (head_dim,), RoPE pairs duplicated
+    mean_embeddings: list[torch.Tensor | None]  # per layer (d_e,), mean attention-expert embedding
+    routes: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)  # per layer (G, P): (B, T, N)
+    vo_masks: list[torch.Tensor | None] = field(default_factory=list)  # per layer (B, T, head_dim)
+    channel_masks: list[torch.Tensor | None] = field(default_factory=list)  # per layer (B, T, intermediate)
+
+
+class ToMoERouting(nn.Module):
+    """The trainable ToMoE modules for one model and the hooks applying them."""
+
+    def __init__(self, model: nn.Module, config: ToMoEConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.family: FamilyAdapter = get_family(model.config)
+        self.geometry: Geometry = self.family.geometry(model.config)
+        geo = self.geometry
+        self.dynamic_attention = config.attention == "dynamic"
+        structures_per_layer = 2 if self.dynamic_attention else 1
+        self.hypernet = HyperNetwork(
+            geo.num_layers * structures_per_layer,
+            config.num_experts,
+            config.hypernet_input_dim,
+            config.hypernet_hidden_dim,
+            seed=config.hypernet_seed,
+        )
+        self.mlp = nn.ModuleList(
+            MLPRouting(geo.hidden_size, geo.intermediate_size, config.num_experts, config.expert_embed_dim)
+            for _ in range(geo.num_layers)
+        )
+        qk_groups = self.family.qk_mask_groups(geo)
+        self.register_buffer("qk_groups", qk_groups, persistent=False)
+        self.attention = (
+            nn.ModuleList(
+                AttentionRouting(geo.hidden_size, geo.head_dim, int(qk_groups.max()) + 1, config.expert_embed_dim)
+                for _ in range(geo.num_layers)
+            )
+            if self.dynamic_attention
+            else None
+        )
+        self.active = True
+        self.state: ForwardState | None = None
+        self._model = [model]  # a list, so the frozen model is not registered as a submodule
+        self._handles: list = []
+        self._attach_hooks(model)
+        self.to(next(model.parameters()).device)
+
+    # ----------------------------------------------------------------------------------------------- hooks
+    def _attach_hooks(self, model: nn.Module) -> None:
+        family = self.family
+        layers = family.decoder_layers(model)
+        if len(layers) != self.geometry.num_layers:
+            raise ValueError(f"model has {len(layers)} decoder layers but its config says {self.geometry.num_layers}")
+        decoder = model.get_submodule(family.layers.rsplit(".", 1)[0])
+        self._handles.append(decoder.register_forward_pre_hook(self._begin_forward, with_kwargs=True))
+        for index, layer in enumerate(layers):
+            mlp = family.mlp_module(layer)
+            self._handles.append(mlp.register_forward_pre_hook(self._mlp_router_hook(index)))
+            self._handles.append(mlp.get_submodule(family.down_proj).register_forward_pre_hook(self._mlp_mask_hook(index)))
+            if self.dynamic_attention:
+                attention = family.attention_module(layer)
+                self._handles.append(attention.get_submodule(family.q_proj).register_forward_pre_hook(self._vo_router_hook(index)))
+                for point in family.qk_mask_points:
+                    self._handles.append(attention.get_submodule(point).register_forward_hook(self._qk_mask_hook(index)))
+                self._handles.append(attention.get_submodule(family.o_proj).register_forward_pre_hook(self._vo_mask_hook(index)))
+
+    def detach(self) -> None:
+        """Remove every hook: the model is the plain dense model again."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.state = None
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """Run the dense model (routing switched off), e.g. for the distillation teacher."""
+        previous, self.active = self.active, False
+        try:
+            yield
+        finally:
+            self.active = previous
+
+    @property
+    def stochastic(self) -> bool:
+        return self.training
+
+    def _begin_forward(self, module, args, kwargs):
+        self.state = self.compute_static_masks() if self.active else None
+
+    def compute_static_masks(self) -> ForwardState:
+        """Everything that depends only on the expert embeddings: s_e per MLP, s_0 per attention (Eq. 5, 11)."""
+        cfg, num_layers = self.config, self.geometry.num_layers
+        embeddings = self.hypernet()  # (structures, N, d_e)
+        mlp_embeddings = embeddings[1::2] if self.dynamic_attention else embeddings
+        expert_masks = [
+            routing.expert_masks(mlp_embeddings[i], cfg.tau, cfg.mask_offset, self.stochastic)
+            for i, routing in enumerate(self.mlp)
+        ]
+        qk_masks: list = [None] * num_layers
+        means: list = [None] * num_layers
+        if self.dynamic_attention:
+            for i, routing in enumerate(self.attention):
+                means[i] = embeddings[2 * i].mean(dim=0)  # (1/N) 1^T E
+                qk_masks[i] = routing.qk_mask(means[i], cfg.tau, cfg.mask_offset, self.stochastic)[self.qk_groups]
+        return ForwardState(expert_masks, qk_masks, means, [None] * num_layers, [None] * num_layers, [None] * num_layers)
+
+    def _mlp_router_hook(self, index: int):
+        def hook(module, args):
+            if self.state is None:
+                return None
+            hidden = args[0]
+            routing = self.mlp[index]
+            one_hot, probs = routing.route(hidden.to(routing.router.weight.dtype), self.config.tau, self.stochastic)
+            self.state.routes[index] = (one_hot, probs)
+            self.state.channel_masks[index] = one_hot @ self.state.expert_masks[index]  # (B, T, intermediate)
+            return None
+
+        return hook
+
+    def _mlp_mask_hook(self, index: int):
+        def hook(module, args):
+            if self.state is None:
+                return None
+            return (args[0] * self.state.channel_masks[index].to(args[0].dtype),) + args[1:]
+
+        return hook
+
+    def _vo_router_hook(self, index: int):
+        def hook(module, args):
+            if self.state is None:
+                return None
+            routing = self.attention[index]
+            hidden = args[0].to(routing.token_proj.weight.dtype)
+            cfg = self.config
+            self.state.vo_masks[index] = routing.vo_mask(hidden, self.state.mean_embeddings[index], cfg.tau, cfg.mask_offset, self.stochastic)
+            return None
+
+        return hook
+
+    def _qk_mask_hook(self, index: int):
+        head_dim = self.geometry.head_dim
+
+        def hook(module, args, output):
+            if self.state is None:
+                return None
+            mask = self.state.qk_masks[index].to(output.dtype)
+            if output.shape[-1] == head_dim:  # already (..., heads, head_dim), e.g. after a per-head norm
+                return output * mask
+            return (output.unflatten(-1, (-1, head_dim)) * mask).flatten(-2)  # (B, T, heads, head_dim)
+
+        return hook
+
+    def _vo_mask_hook(self, index: int):
+        head_dim = self.geometry.head_dim
+
+        def hook(module, args):
+            if self.state is None:
+                return None
+            heads = args[0].unflatten(-1, (-1, head_dim))  # (B, T, heads, head_dim)
+            mask = self.state.vo_masks[index].to(heads.dtype).unsqueeze(-2)  # (B, T, 1, head_dim)
+            return ((heads * mask).flatten(-2),) + args[1:]
+
+        return hook
+
+
+def attach(model: nn.Module, config: ToMoEConfig | None = None) -> ToMoERouting:
+    """Freeze ``model`` and attach ToMoE routing to it in place; returns the trainable routing modules."""
+    model.requires_grad_(False)
+    return ToMoERouting(model, config or ToMoEConfig())

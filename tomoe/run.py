@@ -1,0 +1,242 @@
+"""A training run on disk: its settings, atomic checkpoints of the trainable parts only, and its log.
+
+Layout of ``RUN_DIR``::
+
+    tomoe_run.json                  model spec, ToMoEConfig, TrainConfig, status and final results
+    log.jsonl                       one JSON object per logging step (KD, R_P, R_U, R_L, active ratio, ...)
+    checkpoints/latest              name of the newest complete checkpoint
+    checkpoints/step-000150/        routing.safetensors + optimizer.pt + trainer_state.json
+
+A checkpoint is written into a temporary folder and renamed into place, and ``latest`` is replaced atomically
+after that, so a run killed at any moment resumes from the last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from tomoe.config import ToMoEConfig
+from tomoe.errors import ToMoEError
+
+RUN_FILE = "tomoe_run.json"
+LOG_FILE = "log.jsonl"
+CHECKPOINTS = "checkpoints"
+RUN_FORMAT = 1
+
+
+@dataclass
+class TrainConfig:
+    """How to train: data, budget and optimiser. Defaults are the paper's (App. C, ``--preset paper``)."""
+
+    model: str | None = None  # None: the embedded default (SmolLM2-135M-Instruct)
+    data: str | None = None  # None: the embedded calibration set
+    steps: int = 10_000
+    seq_len: int = 2048
+    batch_size: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 500
+    eval_blocks: int = 4  # held-out blocks for the final deterministic active ratio and V/O top-K
+    kd_chunk_tokens: int = 1024
+
+    def validate(self) -> None:
+        for name in ("steps", "seq_len", "batch_size", "log_every", "save_every", "eval_blocks", "kd_chunk_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ToMoEError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}.")
+        if self.seq_len < 2:
+            raise ToMoEError(f"seq-len must be at least 2 tokens, got {self.seq_len}.")
+        if not self.lr > 0:
+            raise ToMoEError(f"learning rate must be > 0, got {self.lr!r}.")
+
+
+PRESETS: dict[str, dict] = {
+    # The paper's budget: 10k steps of one 2048-token sequence (App. C).
+    "paper": dict(steps=10_000, seq_len=2048, batch_size=1, save_every=500),
+    # About 15 minutes on a 2-core CPU for SmolLM2-135M.
+    "quick": dict(steps=150, seq_len=256, batch_size=2, save_every=50, log_every=5),
+}
+
+
+@dataclass
+class RunInfo:
+    tomoe: ToMoEConfig
+    train: TrainConfig
+    family: str
+    status: str = "running"  # "running" until training ends, then "finished"
+    result: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "format": RUN_FORMAT,
+            "status": self.status,
+            "family": self.family,
+            "tomoe": self.tomoe.to_dict(),
+            "train": asdict(self.train),
+            "result": self.result,
+        }
+
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / RUN_FILE).is_file()
+
+
+def read_run(run_dir: str | os.PathLike) -> RunInfo:
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        raise ToMoEError(f"{run_dir} is not a tomoe run directory: it has no {RUN_FILE} (create one with `tomoe convert --out {run_dir}`).")
+    try:
+        values = json.loads(path.read_text())
+        return RunInfo(
+            tomoe=ToMoEConfig.from_dict(values["tomoe"]),
+            train=TrainConfig(**values["train"]),
+            family=values["family"],
+            status=values["status"],
+            result=values.get("result", {}),
+        )
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ToMoEError(f"{path} is corrupt or from an incompatible tomoe version ({error}).") from None
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see either the old or the new file, never a partial one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_run(run_dir: str | os.PathLike, info: RunInfo) -> None:
+    atomic_write_text(Path(run_dir) / RUN_FILE, json.dumps(info.to_json(), indent=2) + "\n")
+
+
+def append_log(run_dir: str | os.PathLike, record: dict) -> None:
+    with open(Path(run_dir) / LOG_FILE, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def read_log(run_dir: str | os.PathLike) -> list[dict]:
+    path = Path(run_dir) / LOG_FILE
+    if not path.is_file():
+        return []
+    # A kill can cut the last line short; every complete line is kept.
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def truncate_log(run_dir: str | os.PathLike, step: int) -> None:
+    """Drop log lines after ``step`` (written after the checkpoint we resume from)."""
+    records = [r for r in read_log(run_dir) if r.get("step", 0) <= step]
+    atomic_write_text(Path(run_dir) / LOG_FILE, "".join(json.dumps(r) + "\n" for r in records))
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    routing: dict[str, torch.Tensor]
+    optimizer: dict | None
+    rng: dict
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, routing_state: dict, optimizer_state: dict | None, rng: dict, keep: int = 1) -> Path:
+    """Write a checkpoint atomically and point ``latest`` at it; keep only the newest ``keep`` checkpoints."""
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:06d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in routing_state.items()}, str(tmp / "routing.safetensors"))
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / "optimizer.pt")
+        torch.save(rng, tmp / "rng.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+        final = root / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(root / "latest", name)
+    for old in sorted(p for p in root.glob("step-*") if p.name != name)[: max(0, len(list(root.glob("step-*"))) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint_dir(run_dir: str | os.PathLike) -> Path | None:
+    pointer = Path(run_dir) / CHECKPOINTS / "latest"
+    if not pointer.is_file():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    if not (path / "routing.safetensors").is_file():
+        raise ToMoEError(f"the checkpoint {path} named by {pointer} is missing or incomplete; the run directory is corrupt.")
+    return path
+
+
+def load_checkpoint(run_dir: str | os.PathLike, with_optimizer: bool = True) -> Checkpoint | None:
+    """The newest complete checkpoint of a run, or None if it has none yet."""
+    path = latest_checkpoint_dir(run_dir)
+    if path is None:
+        return None
+    try:
+        routing = load_file(str(path / "routing.safetensors"))
+        step = json.loads((path / "trainer_state.json").read_text())["step"]
+        optimizer = torch.load(path / "optimizer.pt", weights_only=True) if with_optimizer and (path / "optimizer.pt").is_file() else None
+        rng = torch.load(path / "rng.pt", weights_only=False) if (path / "rng.pt").is_file() else {}
+    except (SafetensorError, OSError, RuntimeError, KeyError, json.JSONDecodeError) as error:
+        raise ToMoEError(f"the checkpoint in {path} is corrupt ({type(error).__name__}: {error}).") from None
+    return Checkpoint(step, routing, optimizer, rng)
+
+
+def load_routing(run_dir: str | os.PathLike, model, info: RunInfo | None = None):
+    """Attach the run's trained routing to ``model`` (its dense base) in deterministic mode."""
+    from tomoe.patch import attach
+
+    info = info or read_run(run_dir)
+    checkpoint = load_checkpoint(run_dir, with_optimizer=False)
+    if checkpoint is None:
+        raise ToMoEError(f"the run {run_dir} has no checkpoint yet; train it first (`tomoe convert --resume --out {run_dir}`).")
+    routing = attach(model, info.tomoe)
+    try:
+        routing.load_state_dict(checkpoint.routing)
+    except RuntimeError as error:
+        routing.detach()
+        raise ToMoEError(f"the checkpoint of {run_dir} does not fit its model ({str(error).splitlines()[0]}).") from None
+    return routing.eval()
+
+
+def load_run_for_inference(run_dir: str | os.PathLike, device: str | torch.device = "cpu"):
+    """(model, tokenizer) of a run: the dense base with the trained routing attached, deterministic.
+
+    The routing modules are reachable as ``model.tomoe_routing`` (kept out of the model's own state dict).
+    """
+    from tomoe.loading import load_model, load_tokenizer, resolve_model_source
+
+    info = read_run(run_dir)
+    source = resolve_model_source(info.train.model)
+    model = load_model(source, device=device)
+    model.__dict__["tomoe_routing"] = load_routing(run_dir, model, info)
+    return model, load_tokenizer(source)
