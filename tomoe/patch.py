@@ -12,7 +12,9 @@
   original head_dim.
 
 ``with routing.disabled():`` runs the original dense model (the distillation teacher: one copy of the weights).
-``routing.eval()`` switches to deterministic routing (argmax router, noise-free masks).
+``routing.eval()`` switches to deterministic routing: argmax router, noise-free masks with every expert of a layer
+padded to the widest one, and, once ``routing.vo_topk`` is set (after training), V/O top-K masks. That is exactly
+what the exported MoE computes.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class ToMoERouting(nn.Module):
             else None
         )
         self.active = True
+        self.vo_topk: list[int] | None = None  # per layer K of the inference-time V/O top-K, set after training
         self.state: ForwardState | None = None
         self._model = [model]  # a list, so the frozen model is not registered as a submodule
         self._handles: list = []
@@ -126,7 +129,7 @@ class ToMoERouting(nn.Module):
         """Everything that depends only on the expert embeddings: s_e per MLP, s_0 per attention (Eq. 5, 11)."""
         cfg, num_layers = self.config, self.geometry.num_layers
         embeddings = self.hypernet()  # (structures, N, d_e)
-        mlp_embeddings = embeddings[1::2] if self.dynamic_attention else embeddings
+        mlp_embeddings = self._mlp_embeddings(embeddings)
         expert_masks = [
             routing.expert_masks(mlp_embeddings[i], cfg.tau, cfg.mask_offset, self.stochastic)
             for i, routing in enumerate(self.mlp)
@@ -138,6 +141,19 @@ class ToMoERouting(nn.Module):
                 means[i] = embeddings[2 * i].mean(dim=0)  # (1/N) 1^T E
                 qk_masks[i] = routing.qk_mask(means[i], cfg.tau, cfg.mask_offset, self.stochastic)[self.qk_groups]
         return ForwardState(expert_masks, qk_masks, means, [None] * num_layers, [None] * num_layers, [None] * num_layers)
+
+    def _mlp_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
+        # Structures are ordered attention, MLP, attention, MLP, ... (or MLP only when attention stays dense).
+        return embeddings[1::2] if self.dynamic_attention else embeddings
+
+    @torch.no_grad()
+    def learned_expert_widths(self) -> list[list[int]]:
+        """Channels each expert keeps under deterministic routing, before padding to the widest expert."""
+        mlp_embeddings = self._mlp_embeddings(self.hypernet())
+        return [
+            (routing.mask_proj(mlp_embeddings[i]) + self.config.mask_offset > 0).sum(dim=-1).tolist()
+            for i, routing in enumerate(self.mlp)
+        ]
 
     def _mlp_router_hook(self, index: int):
         def hook(module, args):
@@ -167,7 +183,8 @@ class ToMoERouting(nn.Module):
             routing = self.attention[index]
             hidden = args[0].to(routing.token_proj.weight.dtype)
             cfg = self.config
-            self.state.vo_masks[index] = routing.vo_mask(hidden, self.state.mean_embeddings[index], cfg.tau, cfg.mask_offset, self.stochastic)
+            top_k = self.vo_topk[index] if self.vo_topk is not None else None
+            self.state.vo_masks[index] = routing.vo_mask(hidden, self.state.mean_embeddings[index], cfg.tau, cfg.mask_offset, self.stochastic, top_k)
             return None
 
         return hook

@@ -225,6 +225,8 @@ def load_routing(run_dir: str | os.PathLike, model, info: RunInfo | None = None)
     except RuntimeError as error:
         routing.detach()
         raise ToMoEError(f"the checkpoint of {run_dir} does not fit its model ({str(error).splitlines()[0]}).") from None
+    if info.tomoe.attention == "dynamic" and info.result.get("vo_topk"):
+        routing.vo_topk = list(info.result["vo_topk"])
     return routing.eval()
 
 

@@ -2,7 +2,7 @@
 
 from tomoe.nn.gumbel import st_gumbel_sigmoid, st_gumbel_softmax
 from tomoe.nn.hypernet import HyperNetwork
-from tomoe.nn.routing import AttentionRouting, MaskProjection, MLPRouting
+from tomoe.nn.routing import AttentionRouting, MaskProjection, MLPRouting, top_k_mask
 
 __all__ = [
     "st_gumbel_sigmoid",
@@ -11,4 +11,5 @@ __all__ = [
     "AttentionRouting",
     "MaskProjection",
     "MLPRouting",
+    "top_k_mask",
 ]

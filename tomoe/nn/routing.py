@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tomoe.nn.gumbel import st_gumbel_sigmoid, st_gumbel_softmax
@@ -24,8 +25,16 @@ class MLPRouting(nn.Module):
         self.mask_proj = MaskProjection(embed_dim, intermediate_size)
 
     def expert_masks(self, embeddings: torch.Tensor, tau: float, offset: float, stochastic: bool) -> torch.Tensor:
-        """(N, d_e) expert embeddings -> (N, intermediate) binary channel masks s_e (Eq. 11)."""
-        return st_gumbel_sigmoid(self.mask_proj(embeddings), tau, offset, stochastic)
+        """(N, d_e) expert embeddings -> (N, intermediate) binary channel masks s_e (Eq. 11).
+
+        Deterministic masks are padded: every expert keeps as many channels as the layer's widest expert, taking its
+        top-scoring channels (App. E), so all experts of a layer cost the same.
+        """
+        logits = self.mask_proj(embeddings)
+        if stochastic:
+            return st_gumbel_sigmoid(logits, tau, offset, stochastic)
+        width = int((logits + offset > 0).sum(dim=-1).max())
+        return top_k_mask(logits, width)
 
     def route(self, hidden: torch.Tensor, tau: float, stochastic: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(..., d) MLP inputs -> one-hot expert choice G and the soft probabilities P, both (..., N)."""
@@ -46,9 +55,21 @@ class AttentionRouting(nn.Module):
         return st_gumbel_sigmoid(self.qk_proj(mean_embedding), tau, offset, stochastic)
 
     def vo_logits(self, hidden: torch.Tensor, mean_embedding: torch.Tensor) -> torch.Tensor:
-        """Mask logits over head_dim for each token, before the offset and Gumbel noise."""
-        return self.vo_proj(self.token_proj(hidden) + mean_embedding)
+        """Mask logits over head_dim for each token, before the offset and Gumbel noise.
 
-    def vo_mask(self, hidden: torch.Tensor, mean_embedding: torch.Tensor, tau: float, offset: float, stochastic: bool) -> torch.Tensor:
-        """s_t for each token: (..., d) -> (..., head_dim)."""
-        return st_gumbel_sigmoid(self.vo_logits(hidden, mean_embedding), tau, offset, stochastic)
+        The mean expert embedding enters as the bias of Proj_E, exactly as the export stores it (Sec. 3.5).
+        """
+        return self.vo_proj(F.linear(hidden, self.token_proj.weight, mean_embedding))
+
+    def vo_mask(self, hidden: torch.Tensor, mean_embedding: torch.Tensor, tau: float, offset: float, stochastic: bool, top_k: int | None = None) -> torch.Tensor:
+        """s_t for each token: (..., d) -> (..., head_dim); with ``top_k`` the inference-time top-K mask."""
+        logits = self.vo_logits(hidden, mean_embedding)
+        if top_k is not None and not stochastic:
+            return top_k_mask(logits, top_k)
+        return st_gumbel_sigmoid(logits, tau, offset, stochastic)
+
+
+def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """0/1 mask of the ``k`` largest logits along the last dim."""
+    mask = torch.zeros_like(logits)
+    return mask.scatter_(-1, logits.topk(k, dim=-1).indices, 1.0) if k > 0 else mask

@@ -1,0 +1,30 @@
+"""``tomoe export``: turn a trained run into a Mixture-of-Experts model folder."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    from tomoe.export import EXPORT_FORMATS
+
+    parser = subparsers.add_parser(
+        "export",
+        help="write a trained run as a real MoE model folder (loads with transformers)",
+        description="Turn the masks of a finished run into real experts (Sec. 3.5): each expert stores its own slices "
+        "of gate/up/down, Q/K are sliced, routing is deterministic. 'tomoe' format: loads with AutoModelForCausalLM "
+        "after `import tomoe`, or with trust_remote_code=True without tomoe. 'mixtral' format (runs trained with "
+        "--attention none): the stock MixtralForCausalLM layout.",
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished `tomoe convert` run directory")
+    parser.add_argument("--out", required=True, metavar="MODEL_DIR", help="new folder to write (must not exist or be empty)")
+    parser.add_argument("--format", choices=EXPORT_FORMATS, default="tomoe", help="checkpoint layout (default tomoe)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tomoe.export import export_run
+
+    out = export_run(args.run_dir, args.out, args.format)
+    print(f"exported {args.run_dir} -> {out} ({args.format} format)\n  next: tomoe info {out}")
+    return 0

@@ -1,0 +1,41 @@
+"""Configuration of an exported ToMoE Mixture-of-Experts model.
+
+Self-contained (only ``transformers`` is imported) because it is copied next to exported weights for
+``trust_remote_code=True`` loading without tomoe installed.
+"""
+
+from transformers import PretrainedConfig
+
+TOMOE_KEYS = ("base_model_type", "num_experts", "mlp_widths", "qk_dims", "vo_topk", "expert_embed_dim", "dense_attention")
+
+
+class TomoeConfig(PretrainedConfig):
+    """The dense base model's config plus the MoE structure ToMoE found.
+
+    Every attribute of the base config (hidden size, heads, RoPE, norms, ...) is kept as is; these are added:
+    ``base_model_type`` (the dense family, e.g. ``llama``), ``num_experts``, per-layer ``mlp_widths`` (channels of
+    every expert of the layer), ``qk_dims`` (query/key dims kept per head), ``vo_topk`` (value/output dims each token
+    keeps per head; ``head_dim`` when attention is dense), ``expert_embed_dim`` and ``dense_attention``.
+    """
+
+    model_type = "tomoe"
+
+    def __init__(
+        self,
+        base_model_type: str = "llama",
+        num_experts: int = 8,
+        mlp_widths: list | None = None,
+        qk_dims: list | None = None,
+        vo_topk: list | None = None,
+        expert_embed_dim: int = 128,
+        dense_attention: bool = False,
+        **kwargs,
+    ):
+        self.base_model_type = base_model_type
+        self.num_experts = num_experts
+        self.mlp_widths = list(mlp_widths or [])
+        self.qk_dims = list(qk_dims or [])
+        self.vo_topk = list(vo_topk or [])
+        self.expert_embed_dim = expert_embed_dim
+        self.dense_attention = dense_attention
+        super().__init__(**kwargs)

@@ -1,0 +1,68 @@
+"""``--format mixtral``: the stock transformers Mixtral layout, for runs that kept attention dense.
+
+Stock Mixtral has one expert width for the whole model, while ToMoE's widths differ per layer, so every expert is
+padded with zero channels up to the model-wide widest expert (rounded up to a multiple of 8): a zero gate/up row and zero down column add
+``act(0) * 0 = 0``, so outputs are unchanged. With top-1 routing Mixtral's renormalised weight is exactly 1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tomoe.errors import ToMoEError
+from tomoe.patch import ForwardState, ToMoERouting
+
+MIXTRAL_FAMILIES = ("llama",)
+# Base-config fields that Mixtral shares with the Llama family.
+SHARED_FIELDS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps", "pad_token_id", "bos_token_id",
+    "eos_token_id", "tie_word_embeddings", "attention_dropout", "rope_parameters", "sliding_window",
+)
+
+
+def check_mixtral_compatible(info) -> None:
+    if info.tomoe.attention != "none":
+        raise ToMoEError(
+            "--format mixtral needs a run trained with --attention none: stock Mixtral attention cannot hold sliced "
+            "query/key dims or per-token value/output dims. Export this run with --format tomoe instead."
+        )
+    if info.family not in MIXTRAL_FAMILIES:
+        raise ToMoEError(f"--format mixtral supports the {', '.join(MIXTRAL_FAMILIES)} family; this run is {info.family!r}. Use --format tomoe.")
+
+
+def build_mixtral(dense, routing: ToMoERouting, state: ForwardState):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    base = dense.config
+    if getattr(base, "attention_bias", False) or getattr(base, "mlp_bias", False):
+        raise ToMoEError("--format mixtral cannot hold attention or MLP biases; use --format tomoe for this model.")
+    widest = max(int(masks.sum(dim=-1).max()) for masks in state.expert_masks)
+    # Rounded up to a multiple of 8 channels: transformers' grouped-matmul experts need 16-byte aligned strides.
+    width = -(-widest // 8) * 8
+    values = {name: getattr(base, name) for name in SHARED_FIELDS if hasattr(base, name)}
+    config = MixtralConfig(
+        **values,
+        intermediate_size=width,
+        num_local_experts=routing.config.num_experts,
+        num_experts_per_tok=1,
+        router_jitter_noise=0.0,
+    )
+    model = MixtralForCausalLM(config).to(dense.dtype)
+    own = model.state_dict()
+    model.load_state_dict({k: v for k, v in dense.state_dict().items() if k in own and own[k].shape == v.shape}, strict=False)
+    family = routing.family
+    for index, (dense_layer, layer) in enumerate(zip(family.decoder_layers(dense), model.model.layers)):
+        dense_mlp = family.mlp_module(dense_layer)
+        gate, up, down = (dense_mlp.get_submodule(name).weight for name in (family.gate_proj, family.up_proj, family.down_proj))
+        layer.mlp.gate.weight.copy_(routing.mlp[index].router.weight)
+        experts = layer.mlp.experts
+        experts.gate_up_proj.zero_()
+        experts.down_proj.zero_()
+        for expert, mask in enumerate(state.expert_masks[index]):
+            channels = mask.nonzero().squeeze(-1)
+            kept = channels.numel()
+            experts.gate_up_proj[expert, :kept] = gate[channels]
+            experts.gate_up_proj[expert, width : width + kept] = up[channels]
+            experts.down_proj[expert, :, :kept] = down[:, channels]
+    return model.eval()

@@ -1,0 +1,218 @@
+"""Exported ToMoE models: a dense decoder whose MLPs are top-1 Mixture-of-Experts layers and whose attention keeps
+a static subset of query/key dims and a per-token top-K of value/output dims (ToMoE, Sec. 3.5 and App. B).
+
+Self-contained (only ``torch`` and ``transformers`` are imported) because it is copied next to exported weights
+for ``trust_remote_code=True`` loading without tomoe installed. The decoder stack, norms, embeddings and rotary
+embedding are the dense family's own transformers classes; only the MLP and attention modules are replaced.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+from .configuration_tomoe import TomoeConfig
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
+    return states if groups == 1 else states.repeat_interleave(groups, dim=1)
+
+
+def _eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Plain softmax attention; query/key and value may have different head dims."""
+    key, value = _repeat_kv(key, module.num_key_value_groups), _repeat_kv(value, module.num_key_value_groups)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """0/1 mask of the ``k`` largest logits along the last dim."""
+    mask = torch.zeros_like(logits)
+    return mask.scatter_(-1, logits.topk(k, dim=-1).indices, 1.0) if k > 0 else mask
+
+
+class TomoeExperts(nn.Module):
+    """The N experts of one MLP, each its own slices of the dense gate/up/down weights, stored stacked.
+
+    ``gate_up_proj[e]`` holds the gate rows then the up rows of expert e's channels, ``down_proj[e]`` the matching
+    down columns (the Mixtral layout of transformers), and ``channels[e]`` the dense channel index of each slot.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, width: int, activation: str):
+        super().__init__()
+        self.num_experts, self.width = num_experts, width
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * width, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, width))
+        self.register_buffer("channels", torch.zeros(num_experts, width, dtype=torch.long))
+        self.act_fn = ACT2FN[activation]
+
+    def expert_forward(self, hidden: torch.Tensor, expert: int) -> torch.Tensor:
+        gate, up = F.linear(hidden, self.gate_up_proj[expert]).chunk(2, dim=-1)
+        return F.linear(self.act_fn(gate) * up, self.down_proj[expert])
+
+    def forward(self, hidden: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
+        """(n, d) tokens and their expert (n,) -> (n, d); tokens are grouped by expert, one matmul pair each."""
+        if hidden.shape[0] == 1:  # single-token decode: no grouping needed
+            return self.expert_forward(hidden, int(expert_index[0]))
+        order = expert_index.argsort()
+        counts = torch.bincount(expert_index, minlength=self.num_experts).tolist()
+        grouped = hidden[order]
+        outputs, start = [], 0
+        for expert, count in enumerate(counts):
+            if count:
+                outputs.append(self.expert_forward(grouped[start : start + count], expert))
+            start += count
+        result = torch.empty_like(hidden)
+        result[order] = torch.cat(outputs)
+        return result
+
+
+class TomoeSparseMLP(nn.Module):
+    """Top-1 MoE MLP: ``router`` picks one expert per token (argmax, weight exactly 1)."""
+
+    def __init__(self, config: TomoeConfig, layer_idx: int):
+        super().__init__()
+        activation = getattr(config, "hidden_activation", None) or config.hidden_act
+        self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = TomoeExperts(config.num_experts, config.hidden_size, config.mlp_widths[layer_idx], activation)
+
+    def route(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Expert index of each token, (...,)."""
+        return self.router(hidden).argmax(dim=-1)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        flat = hidden.reshape(-1, hidden.shape[-1])  # (B*T, d)
+        return self.experts(flat, self.route(flat)).view_as(hidden)
+
+
+class TomoeVORouter(nn.Module):
+    """Per-token V/O head-dim selection: top-K of Proj_D(Proj_E(x)); Proj_E's bias is the mean expert embedding."""
+
+    def __init__(self, hidden_size: int, embed_dim: int, head_dim: int, top_k: int):
+        super().__init__()
+        self.top_k = top_k
+        self.token_proj = nn.Linear(hidden_size, embed_dim)
+        self.mask_proj = nn.Sequential(nn.LayerNorm(embed_dim), nn.GELU(), nn.Linear(embed_dim, head_dim))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., d) -> (..., head_dim) 0/1 mask with exactly ``top_k`` ones."""
+        return top_k_mask(self.mask_proj(self.token_proj(hidden)), self.top_k)
+
+
+class TomoeAttention(nn.Module):
+    """The family's attention with query/key physically sliced to ``qk_dims`` and per-token top-K V/O dims.
+
+    The kept query/key dims come in RoPE pairs (i, i + head_dim/2); ``rope_index`` lists them in that half/half
+    layout so the rotary cos/sin are sliced the same way. The softmax scale stays the dense head_dim's.
+    """
+
+    def __init__(self, dense: nn.Module, config: TomoeConfig, layer_idx: int):
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        self.head_dim = dense.head_dim
+        self.qk_dim = config.qk_dims[layer_idx]
+        self.num_key_value_groups = dense.num_key_value_groups
+        self.scaling = dense.scaling
+        self.attention_dropout = dense.attention_dropout
+        self.is_causal = True
+        self.sliding_window = getattr(dense, "sliding_window", None)
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, config.num_attention_heads * self.qk_dim, bias=dense.q_proj.bias is not None)
+        self.k_proj = nn.Linear(hidden, config.num_key_value_heads * self.qk_dim, bias=dense.k_proj.bias is not None)
+        self.v_proj, self.o_proj = dense.v_proj, dense.o_proj
+        self.register_buffer("rope_index", torch.zeros(self.qk_dim, dtype=torch.long))
+        self.vo_router = TomoeVORouter(hidden, config.expert_embed_dim, self.head_dim, config.vo_topk[layer_idx])
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        query = self.q_proj(hidden_states).view(*input_shape, -1, self.qk_dim).transpose(1, 2)  # (B, H, T, qk)
+        key = self.k_proj(hidden_states).view(*input_shape, -1, self.qk_dim).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        cos, sin = position_embeddings
+        cos, sin = cos[..., self.rope_index].unsqueeze(1), sin[..., self.rope_index].unsqueeze(1)
+        query = query * cos + _rotate_half(query) * sin
+        key = key * cos + _rotate_half(key) * sin
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, _eager_attention)
+        output, weights = attention(
+            self, query, key, value, attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling, sliding_window=self.sliding_window, **kwargs,
+        )
+        output = output.reshape(*input_shape, -1, self.head_dim)  # (B, T, H, hd)
+        output = output * self.vo_router(hidden_states).to(output.dtype).unsqueeze(-2)
+        return self.o_proj(output.flatten(-2)), weights
+
+
+def dense_decoder_class(base_model_type: str):
+    """The transformers class of the dense family's decoder stack, e.g. ``LlamaModel``."""
+    transformers = importlib.import_module("transformers")
+    return getattr(transformers, MODEL_MAPPING_NAMES[base_model_type])
+
+
+class TomoePreTrainedModel(PreTrainedModel):
+    config_class = TomoeConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    _skip_keys_device_placement = ["past_key_values"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, TomoeExperts):
+            nn.init.normal_(module.gate_up_proj, std=self.config.initializer_range)
+            nn.init.normal_(module.down_proj, std=self.config.initializer_range)
+
+
+class TomoeForCausalLM(TomoePreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: TomoeConfig):
+        super().__init__(config)
+        self.model = dense_decoder_class(config.base_model_type)(config)
+        for index, layer in enumerate(self.model.layers):
+            layer.mlp = TomoeSparseMLP(config, index)
+            if not config.dense_attention:
+                layer.self_attn = TomoeAttention(layer.self_attn, config, index)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
+                labels=None, use_cache=None, logits_to_keep=0, **kwargs) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+
+__all__ = ["TomoeConfig", "TomoeForCausalLM", "TomoePreTrainedModel"]

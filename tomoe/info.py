@@ -1,0 +1,141 @@
+"""``tomoe info``: parameter counts of an exported model, brute-force per token over a sample text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from tomoe.errors import ToMoEError
+
+SAMPLE_TEXT = (
+    "The European lobster is a species of clawed lobster from the eastern Atlantic Ocean, Mediterranean Sea and "
+    "parts of the Black Sea. def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n"
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+)
+
+
+def load_exported(model_dir: str | Path):
+    """(model, kind) of an exported folder: kind is 'tomoe' or 'mixtral'."""
+    import tomoe.export  # noqa: F401  (registers the tomoe model type)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ToMoEError(f"{model_dir} is not a model folder (no config.json); pass the --out folder of `tomoe export`.")
+    model_type = AutoConfig.from_pretrained(model_dir).model_type
+    if model_type == "tomoe" or (model_type == "mixtral" and (model_dir / "tomoe_export.json").is_file()):
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(), model_type
+    raise ToMoEError(f"{model_dir} holds a {model_type!r} model, not one exported by `tomoe export`.")
+
+
+def dense_parameter_counts(model, kind: str, model_dir: Path) -> tuple[int, int]:
+    """(whole dense model, its decoder-block linear weights) of the base the export came from."""
+    config = model.config
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    if kind == "tomoe":
+        intermediate = config.intermediate_size
+    else:
+        intermediate = json.loads((model_dir / "tomoe_export.json").read_text())["dense_intermediate_size"]
+    decoder = layers * (3 * hidden * intermediate + hidden * head_dim * 2 * (heads + kv_heads))
+    moe_decoder = sum(_decoder_weights(layer, kind) for layer in model.model.layers)
+    total_stored = sum(p.numel() for p in model.parameters())
+    return total_stored - moe_decoder + decoder, decoder
+
+
+def _decoder_weights(layer, kind: str) -> int:
+    experts = layer.mlp.experts
+    attention = layer.self_attn
+    projections = [attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj]
+    return experts.gate_up_proj.numel() + experts.down_proj.numel() + sum(p.weight.numel() for p in projections)
+
+
+@torch.no_grad()
+def model_info(model_dir: str | Path, text: str | None = None) -> dict:
+    model, kind = load_exported(model_dir)
+    config = model.config
+    hidden = config.hidden_size
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    dense_total, dense_decoder = dense_parameter_counts(model, kind, Path(model_dir))
+
+    # Route the sample text and count, per token, the weights it actually uses.
+    routed: dict[int, torch.Tensor] = {}
+    handles = []
+    for index, layer in enumerate(model.model.layers):
+        router = layer.mlp.router if kind == "tomoe" else layer.mlp.gate
+        handles.append(router.register_forward_hook(_capture_route(routed, index, kind)))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    input_ids = tokenizer(text or SAMPLE_TEXT, return_tensors="pt").input_ids
+    if input_ids.numel() == 0:
+        raise ToMoEError("the sample text is empty after tokenisation; pass some text.")
+    model(input_ids)
+    for handle in handles:
+        handle.remove()
+
+    tokens = input_ids.numel()
+    per_token_decoder = torch.zeros(tokens, dtype=torch.float64)
+    layers = []
+    for index, layer in enumerate(model.model.layers):
+        experts = layer.mlp.experts
+        useful = _useful_widths(experts)  # (N,) channels that are not zero padding
+        qk = layer.self_attn.q_proj.out_features // heads
+        vo = config.vo_topk[index] if kind == "tomoe" else head_dim
+        attention = hidden * (heads + kv_heads) * (qk + vo)
+        per_token_decoder += (3 * hidden * useful[routed[index]] + attention).double()
+        layers.append({"layer": index, "expert_widths": useful.tolist(), "stored_width": experts.gate_up_proj.shape[1] // 2, "qk_dims": qk, "vo_topk": vo})
+    stored_decoder = sum(_decoder_weights(layer, kind) for layer in model.model.layers)
+    total = sum(p.numel() for p in model.parameters())
+    shared = total - stored_decoder  # embeddings, norms, routers: used by every token
+    per_token = per_token_decoder + shared
+    padding = sum(3 * hidden * (entry["stored_width"] - max(entry["expert_widths"])) for entry in layers) * config.num_experts
+    return {
+        "model_dir": str(model_dir),
+        "format": kind,
+        "num_experts": config.num_experts if kind == "tomoe" else config.num_local_experts,
+        "total_params": total,
+        "dense_total_params": dense_total,
+        "active_params_mean": float(per_token.mean()),
+        "active_params_max": float(per_token.max()),
+        "active_ratio_vs_dense": float(per_token.mean() / dense_total),
+        "decoder_active_ratio": float(per_token_decoder.mean() / dense_decoder),
+        "decoder_active_ratio_max": float(per_token_decoder.max() / dense_decoder),
+        "padding_params": int(padding),
+        "sample_tokens": tokens,
+        "layers": layers,
+    }
+
+
+def _capture_route(routed: dict, index: int, kind: str):
+    def hook(module, args, output):
+        logits = output if kind == "tomoe" else output[0]
+        routed[index] = logits.reshape(-1, logits.shape[-1]).argmax(dim=-1)
+
+    return hook
+
+
+def _useful_widths(experts) -> torch.Tensor:
+    """Channels per expert whose down column is not all zero (zero columns are Mixtral padding)."""
+    return (experts.down_proj != 0).any(dim=1).sum(dim=-1)
+
+
+def format_info(info: dict) -> str:
+    lines = [
+        f"{info['model_dir']} ({info['format']} format, {info['num_experts']} experts per MLP)",
+        f"  total parameters        {info['total_params']:>14,}   (dense model: {info['dense_total_params']:,})",
+        f"  active per token        {info['active_params_mean']:>14,.0f}   mean, {info['active_params_max']:,.0f} max over {info['sample_tokens']} sample tokens",
+        f"  active vs dense         {info['active_ratio_vs_dense']:>14.3f}   whole model",
+        f"  decoder active ratio    {info['decoder_active_ratio']:>14.3f}   attention + MLP weights (the --target-active measure)",
+    ]
+    if info["padding_params"]:
+        lines.append(f"  zero padding            {info['padding_params']:>14,}   parameters stored only to give every expert one width")
+    lines.append("  layer  expert widths (channels)                       q/k dims  v/o top-K")
+    for entry in info["layers"]:
+        widths = " ".join(str(w) for w in entry["expert_widths"])
+        lines.append(f"  {entry['layer']:>5}  {widths:<46} {entry['qk_dims']:>8}  {entry['vo_topk']:>9}")
+    return "\n".join(lines)

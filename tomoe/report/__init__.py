@@ -1,0 +1,32 @@
+"""``tomoe report``: one self-contained HTML page showing what a conversion did.
+
+``build_report(source, out, text=None)`` reads a run directory (see :mod:`tomoe.report.collect`), draws the figures
+(:mod:`tomoe.report.plots`) and writes the page (:mod:`tomoe.report.html`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tomoe.errors import ToMoEError
+from tomoe.report.collect import DEFAULT_TEXT, ReportData, TokenRouting, collect
+
+__all__ = ["DEFAULT_TEXT", "ReportData", "TokenRouting", "build_report", "collect", "write_report"]
+
+
+def write_report(data: ReportData, out: str | Path) -> Path:
+    """Draw and write the page for already collected data; returns the written path."""
+    from tomoe.report.html import render
+    from tomoe.report.plots import all_figures
+    from tomoe.run import atomic_write_text
+
+    out = Path(out)
+    if out.is_dir():
+        raise ToMoEError(f"--out {out} is a directory; pass a file name such as {out / 'report.html'}.")
+    atomic_write_text(out, render(data, all_figures(data)))
+    return out
+
+
+def build_report(source: str | Path, out: str | Path, text: str | Path | None = None) -> Path:
+    """Write the HTML report of ``source`` (a run directory) to ``out``; ``text`` is a sample text file."""
+    return write_report(collect(source, text), out)

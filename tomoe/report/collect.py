@@ -1,0 +1,223 @@
+"""Gather what a report shows into :class:`ReportData`, a small structure that knows nothing about its source.
+
+A run directory is read through its dense base model with the trained routing attached (deterministic, exactly
+what the export computes). Another source (an exported MoE folder) only needs one more ``collect_*`` function that
+fills the same structure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tomoe.errors import ToMoEError
+
+# The default sample: a few registers (narrative, numbers, code, a question) so that routing has something to
+# separate.
+DEFAULT_TEXT = (
+    "The old lighthouse keeper climbed the spiral stairs at dusk, as he had done every evening for thirty-one years. "
+    "In 1987 the harbour counted 212 fishing boats; today there are fewer than 40, and most of them carry tourists. "
+    "To compute the average catch per boat, divide the total weight by the number of boats: avg = total_kg / boats. "
+    "def mean(values):\n    return sum(values) / len(values)\n"
+    "Why do gulls follow the ferries? Because the propellers churn up small fish, and a free meal is hard to refuse."
+)
+MAX_SAMPLE_TOKENS = 512  # enough for a readable token view; keeps the forward pass cheap on a CPU
+
+
+@dataclass
+class TokenRouting:
+    """The router's decisions on the sample text."""
+
+    tokens: list[str]  # display text of each token, in order (joined they give the sample back)
+    experts: list[list[int]]  # per layer, per token: the expert the router picked
+    source: str  # where the sample came from, for the report's caption
+    truncated: bool = False  # the text was longer than MAX_SAMPLE_TOKENS
+
+
+@dataclass
+class ReportData:
+    """Everything a report draws; per-layer lists all have one entry per decoder layer."""
+
+    name: str  # the source as given (run directory or model folder)
+    kind: str  # "run" or "model"
+    num_experts: int
+    attention: str  # "dynamic" or "none"
+    target_active: float | None
+    intermediate_size: int
+    head_dim: int
+    expert_widths: list[list[int]]  # per layer, per expert: channels learned, before padding to the widest
+    expert_masks: list[np.ndarray]  # per layer (N, intermediate) bool: the channels each expert holds as exported
+    qk_dims: list[int]  # per layer: query/key dims kept per head
+    vo_topk: list[int]  # per layer: value/output dims kept per token and head (top-K)
+    layer_active: list[float]  # per layer: active share of the layer's linear weights
+    active_ratio: float  # over all layers
+    routing: TokenRouting
+    log: list[dict] = field(default_factory=list)  # training log records (runs only)
+    details: dict[str, str] = field(default_factory=dict)  # extra "key: value" lines for the summary
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.expert_widths)
+
+
+# --------------------------------------------------------------------------------------------- statistics
+def layer_active_ratios(geometry, mlp_widths: list[int], qk_dims: list[int], vo_topk: list[int]) -> list[float]:
+    """Per layer (params of the widest expert + kept attention params) / dense params, as in Eq. 8."""
+    dense = geometry.dense_params_per_layer
+    return [
+        float(geometry.mlp_params_per_channel * mlp + geometry.attention_params(qk, vo)) / dense
+        for mlp, qk, vo in zip(mlp_widths, qk_dims, vo_topk)
+    ]
+
+
+def jaccard_matrix(masks: np.ndarray) -> np.ndarray:
+    """(N, C) bool channel masks -> (N, N) Jaccard index |a & b| / |a | b| (1 on the diagonal)."""
+    masks = masks.astype(np.float64)
+    inter = masks @ masks.T
+    sizes = masks.sum(axis=1)
+    union = sizes[:, None] + sizes[None, :] - inter
+    return np.divide(inter, union, out=np.ones_like(inter), where=union > 0)
+
+
+def mean_pairwise_jaccard(masks: np.ndarray) -> float:
+    matrix = jaccard_matrix(masks)
+    n = matrix.shape[0]
+    return float(matrix[~np.eye(n, dtype=bool)].mean()) if n > 1 else 1.0
+
+
+def union_coverage(masks: np.ndarray) -> float:
+    """Share of the layer's dense channels held by at least one expert (what R_U pushes to 1)."""
+    return float(masks.any(axis=0).mean())
+
+
+def expert_load(experts: list[int], num_experts: int) -> np.ndarray:
+    """Share of the sample's tokens routed to each expert."""
+    counts = np.bincount(np.asarray(experts, dtype=np.int64), minlength=num_experts).astype(np.float64)
+    return counts / max(counts.sum(), 1.0)
+
+
+# ---------------------------------------------------------------------------------------------- sources
+def read_sample_text(path: str | Path | None) -> tuple[str, str]:
+    """(text, caption) of the sample: the user's file or the built-in paragraph."""
+    if path is None:
+        return DEFAULT_TEXT, "built-in sample paragraph"
+    path = Path(path)
+    if not path.is_file():
+        raise ToMoEError(f"--text {path} does not exist or is not a file; pass a UTF-8 text file, or leave --text out to use the built-in sample paragraph.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ToMoEError(f"--text {path} is not UTF-8 text; convert it to UTF-8 or pass another file.") from None
+    if not text.strip():
+        raise ToMoEError(f"--text {path} is empty; the router needs some text to show where tokens go.")
+    return text, str(path)
+
+
+def tokenize_sample(tokenizer, text: str, max_tokens: int) -> tuple[torch.Tensor, list[str], bool]:
+    """(input_ids (1, T), display text per token, truncated?)."""
+    encoded = tokenizer(text, return_offsets_mapping=getattr(tokenizer, "is_fast", False))
+    ids = list(encoded["input_ids"])
+    if not ids:
+        raise ToMoEError("the sample text gives no tokens; pass a text with some words in it.")
+    truncated = len(ids) > max_tokens
+    ids = ids[:max_tokens]
+    offsets = encoded.get("offset_mapping")
+    special = set(tokenizer.all_special_ids)
+    pieces, cursor = [], 0
+    for position, token_id in enumerate(ids):
+        if offsets is None:
+            pieces.append(tokenizer.decode([token_id]))
+            continue
+        start, end = offsets[position]
+        if token_id in special and start == end:
+            pieces.append(tokenizer.convert_ids_to_tokens(token_id))
+            continue
+        # Offsets of the byte pieces of one character overlap; each character is shown once, on the first token
+        # that covers it, and any gap before a token (e.g. skipped spaces) is shown with that token.
+        pieces.append(text[cursor:end] if end > cursor else "")
+        cursor = max(cursor, end)
+    return torch.tensor([ids]), pieces, truncated
+
+
+def collect(source: str | Path, text_file: str | Path | None = None) -> ReportData:
+    """ReportData for a run directory (exported model folders: see :func:`collect_exported`)."""
+    from tomoe.run import is_run_dir
+
+    path = Path(source)
+    if is_run_dir(path):
+        return collect_run(path, text_file)
+    if (path / "config.json").is_file() and (path / "tomoe_export.json").is_file():
+        return collect_exported(path, text_file)
+    raise ToMoEError(
+        f"{source} is neither a tomoe run directory (with tomoe_run.json, from `tomoe convert`) nor an exported tomoe "
+        "model folder (from `tomoe export`); pass one of those."
+    )
+
+
+def collect_exported(model_dir: Path, text_file: str | Path | None = None) -> ReportData:
+    """Exported MoE folders are not read yet: the report needs the run they came from."""
+    import json
+
+    run = json.loads((model_dir / "tomoe_export.json").read_text()).get("run")
+    hint = f" (this one was exported from {run})" if run else ""
+    raise ToMoEError(f"reports of exported model folders are not supported yet; pass the run directory instead{hint}.")
+
+
+@torch.no_grad()
+def collect_run(run_dir: Path, text_file: str | Path | None = None) -> ReportData:
+    from tomoe.measure import summarize_routing
+    from tomoe.run import load_run_for_inference, read_log, read_run
+
+    text, caption = read_sample_text(text_file)  # before loading a model: bad input fails fast
+    info = read_run(run_dir)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_run_for_inference(run_dir, device=device)
+    routing = model.tomoe_routing
+    geometry = routing.geometry
+    context = getattr(model.config, "max_position_embeddings", None) or MAX_SAMPLE_TOKENS
+    input_ids, pieces, truncated = tokenize_sample(tokenizer, text, min(MAX_SAMPLE_TOKENS, context))
+    input_ids = input_ids.to(device)
+
+    result = info.result
+    if not result.get("vo_topk"):
+        # An unfinished run has no measured V/O top-K yet: measure it on the sample (also sets routing.vo_topk).
+        result = summarize_routing(model, routing, input_ids).to_dict()
+    model.get_decoder()(input_ids=input_ids)  # deterministic, with the run's V/O top-K, as the export computes
+    state = routing.state
+    masks = [m.detach().bool().cpu().numpy() for m in state.expert_masks]
+    experts = [route[0][0].argmax(dim=-1).cpu().tolist() for route in state.routes]
+    qk_dims, vo_topk = [int(v) for v in result["qk_dims"]], [int(v) for v in result["vo_topk"]]
+    layer_active = layer_active_ratios(geometry, [int(m.sum(axis=1).max()) for m in masks], qk_dims, vo_topk)
+
+    details = {
+        "base model": str(info.train.model or "embedded SmolLM2-135M-Instruct"),
+        "family": info.family,
+        "status": info.status,
+        "steps": str(info.train.steps),
+        "tokens per step": f"{info.train.seq_len * info.train.batch_size}",
+    }
+    if result.get("final_kd") is not None:
+        details["final KD"] = f"{result['final_kd']:.4g}"
+    if info.status != "finished":
+        details["note"] = "the run is unfinished: its latest checkpoint is shown and the V/O top-K was measured on the sample text"
+    return ReportData(
+        name=str(run_dir),
+        kind="run",
+        num_experts=info.tomoe.num_experts,
+        attention=info.tomoe.attention,
+        target_active=info.tomoe.target_active,
+        intermediate_size=geometry.intermediate_size,
+        head_dim=geometry.head_dim,
+        expert_widths=[[int(w) for w in layer] for layer in routing.learned_expert_widths()],
+        expert_masks=masks,
+        qk_dims=qk_dims,
+        vo_topk=vo_topk,
+        layer_active=layer_active,
+        active_ratio=float(np.mean(layer_active)),  # every layer has the same dense size
+        routing=TokenRouting(pieces, experts, caption, truncated),
+        log=read_log(run_dir),
+        details=details,
+    )
