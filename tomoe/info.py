@@ -9,15 +9,14 @@ import torch
 
 from tomoe.errors import ToMoEError
 
-SAMPLE_TEXT = (
-    "The European lobster is a species of clawed lobster from the eastern Atlantic Ocean, Mediterranean Sea and "
-    "parts of the Black Sea. def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n"
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-)
+STOCK_KINDS = ("mixtral", "qwen3_moe")  # stock transformers MoE layouts written by `tomoe export --format`
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")
+
+from tomoe.report.collect import DEFAULT_TEXT as SAMPLE_TEXT  # one built-in sample for info and report
 
 
 def load_exported(model_dir: str | Path):
-    """(model, kind) of an exported folder: kind is 'tomoe' or 'mixtral'."""
+    """(model, kind) of an exported folder: kind is 'tomoe' or a stock MoE layout ('mixtral', 'qwen3_moe')."""
     import tomoe.export  # noqa: F401  (registers the tomoe model type)
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -25,7 +24,7 @@ def load_exported(model_dir: str | Path):
     if not (model_dir / "config.json").is_file():
         raise ToMoEError(f"{model_dir} is not a model folder (no config.json); pass the --out folder of `tomoe export`.")
     model_type = AutoConfig.from_pretrained(model_dir).model_type
-    if model_type == "tomoe" or (model_type == "mixtral" and (model_dir / "tomoe_export.json").is_file()):
+    if model_type == "tomoe" or (model_type in STOCK_KINDS and (model_dir / "tomoe_export.json").is_file()):
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(), model_type
     raise ToMoEError(f"{model_dir} holds a {model_type!r} model, not one exported by `tomoe export`.")
 
@@ -49,8 +48,15 @@ def dense_parameter_counts(model, kind: str, model_dir: Path) -> tuple[int, int]
 def _decoder_weights(layer, kind: str) -> int:
     experts = layer.mlp.experts
     attention = layer.self_attn
-    projections = [attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj]
+    # q/k/v/o, or a family's fused qkv_proj + o_proj when attention stayed dense
+    projections = [attention.get_submodule(name) for name in ATTENTION_PROJECTIONS if hasattr(attention, name)]
     return experts.gate_up_proj.numel() + experts.down_proj.numel() + sum(p.weight.numel() for p in projections)
+
+
+def _qk_dims(attention, heads: int, kv_heads: int, head_dim: int) -> int:
+    if hasattr(attention, "q_proj"):
+        return attention.q_proj.out_features // heads
+    return head_dim  # fused dense qkv_proj: attention was not pruned
 
 
 @torch.no_grad()
@@ -84,7 +90,7 @@ def model_info(model_dir: str | Path, text: str | None = None) -> dict:
     for index, layer in enumerate(model.model.layers):
         experts = layer.mlp.experts
         useful = _useful_widths(experts)  # (N,) channels that are not zero padding
-        qk = layer.self_attn.q_proj.out_features // heads
+        qk = _qk_dims(layer.self_attn, heads, kv_heads, head_dim)
         vo = config.vo_topk[index] if kind == "tomoe" else head_dim
         attention = hidden * (heads + kv_heads) * (qk + vo)
         per_token_decoder += (3 * hidden * useful[routed[index]] + attention).double()
@@ -97,7 +103,7 @@ def model_info(model_dir: str | Path, text: str | None = None) -> dict:
     return {
         "model_dir": str(model_dir),
         "format": kind,
-        "num_experts": config.num_experts if kind == "tomoe" else config.num_local_experts,
+        "num_experts": getattr(config, "num_local_experts", None) or config.num_experts,
         "total_params": total,
         "dense_total_params": dense_total,
         "active_params_mean": float(per_token.mean()),

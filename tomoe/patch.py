@@ -5,8 +5,9 @@
 
 * MLP: the router reads the MLP input; the routed expert's channel mask multiplies the input of ``down_proj``,
   i.e. the intermediate activation ``act(gate) * up`` (Eq. 2-3).
-* Attention: the static Q/K mask multiplies the per-head query/key features (``qk_mask_points``); the per-token
-  V/O mask, computed from the attention input (the input of ``q_proj``), multiplies each head's attention output
+* Attention: the static Q/K mask multiplies the per-head query/key features (``qk_mask_points``, before any
+  per-head q/k norm); the per-token V/O mask, computed from the attention input (the input of the family's
+  ``attention_input``, e.g. ``q_proj`` or Phi-3's ``qkv_proj``), multiplies each head's attention output
   before ``o_proj``. Masking the attention output per query token equals masking V and O (Eq. 4): the mask is
   linear and applies after the attention average. The softmax scale is untouched, so it stays the one of the
   original head_dim.
@@ -97,9 +98,9 @@ class ToMoERouting(nn.Module):
             self._handles.append(mlp.get_submodule(family.down_proj).register_forward_pre_hook(self._mlp_mask_hook(index)))
             if self.dynamic_attention:
                 attention = family.attention_module(layer)
-                self._handles.append(attention.get_submodule(family.q_proj).register_forward_pre_hook(self._vo_router_hook(index)))
+                self._handles.append(attention.get_submodule(family.attention_input).register_forward_pre_hook(self._vo_router_hook(index)))
                 for point in family.qk_mask_points:
-                    self._handles.append(attention.get_submodule(point).register_forward_hook(self._qk_mask_hook(index)))
+                    self._handles.append(attention.get_submodule(point).register_forward_hook(self._qk_mask_hook(index, point)))
                 self._handles.append(attention.get_submodule(family.o_proj).register_forward_pre_hook(self._vo_mask_hook(index)))
 
     def detach(self) -> None:
@@ -189,16 +190,12 @@ class ToMoERouting(nn.Module):
 
         return hook
 
-    def _qk_mask_hook(self, index: int):
-        head_dim = self.geometry.head_dim
-
+    def _qk_mask_hook(self, index: int, point: str):
         def hook(module, args, output):
             if self.state is None:
                 return None
-            mask = self.state.qk_masks[index].to(output.dtype)
-            if output.shape[-1] == head_dim:  # already (..., heads, head_dim), e.g. after a per-head norm
-                return output * mask
-            return (output.unflatten(-1, (-1, head_dim)) * mask).flatten(-2)  # (B, T, heads, head_dim)
+            mask = self.family.qk_point_mask(point, self.state.qk_masks[index], output.shape[-1], self.geometry)
+            return output * mask.to(output.dtype)  # (B, T, features) * (features,)
 
         return hook
 

@@ -7,8 +7,11 @@ Layout of ``RUN_DIR``::
     checkpoints/latest              name of the newest complete checkpoint
     checkpoints/step-000150/        routing.safetensors + optimizer.pt + trainer_state.json
 
-A checkpoint is written into a temporary folder and renamed into place, and ``latest`` is replaced atomically
-after that, so a run killed at any moment resumes from the last complete checkpoint.
+Kill safety. A checkpoint is written into a temporary folder (``.step-000150.*``), its files and the folder are
+fsynced, and only then is it renamed into place; ``latest`` is replaced atomically after that. A ``step-*`` folder
+therefore only ever exists complete, a run killed at any moment (or a write failing half-way, e.g. a full disk)
+resumes from the last complete checkpoint, and leftover temporary folders are removed by the next save. Only the
+main process of a multi-process run writes.
 """
 
 from __future__ import annotations
@@ -49,9 +52,18 @@ class TrainConfig:
     save_every: int = 500
     eval_blocks: int = 4  # held-out blocks for the final deterministic active ratio and V/O top-K
     kd_chunk_tokens: int = 1024
+    # Scaling. One optimizer step sees batch_size x processes x grad_accum sequences (the global batch).
+    grad_accum: int = 1  # micro-batches of batch_size sequences accumulated per process and step
+    bf16: bool | None = None  # frozen weights in bf16 + bf16 autocast; None: on a GPU yes, on a CPU no (fixed at start)
+    # How to execute, without changing the result (so a resumed run may change them):
+    gradient_checkpointing: bool = False  # recompute each decoder layer in the backward pass (noise is replayed)
+    fsdp: bool = False  # shard the frozen decoder layers over the processes (FSDP2) instead of a full copy each
+
+    # Settings a resumed run takes from the command that resumes it rather than from the run directory.
+    EXECUTION = ("gradient_checkpointing", "fsdp")
 
     def validate(self) -> None:
-        for name in ("steps", "seq_len", "batch_size", "log_every", "save_every", "eval_blocks", "kd_chunk_tokens"):
+        for name in ("steps", "seq_len", "batch_size", "log_every", "save_every", "eval_blocks", "kd_chunk_tokens", "grad_accum"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ToMoEError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}.")
@@ -77,12 +89,14 @@ class RunInfo:
     family: str
     status: str = "running"  # "running" until training ends, then "finished"
     result: dict = field(default_factory=dict)
+    world_size: int = 1  # processes that trained it; a resumed run must use as many (same global batch and noise)
 
     def to_json(self) -> dict:
         return {
             "format": RUN_FORMAT,
             "status": self.status,
             "family": self.family,
+            "world_size": self.world_size,
             "tomoe": self.tomoe.to_dict(),
             "train": asdict(self.train),
             "result": self.result,
@@ -105,6 +119,7 @@ def read_run(run_dir: str | os.PathLike) -> RunInfo:
             family=values["family"],
             status=values["status"],
             result=values.get("result", {}),
+            world_size=values.get("world_size", 1),
         )
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise ToMoEError(f"{path} is corrupt or from an incompatible tomoe version ({error}).") from None
@@ -159,42 +174,75 @@ class Checkpoint:
     step: int
     routing: dict[str, torch.Tensor]
     optimizer: dict | None
-    rng: dict
+    rng: dict  # kept for older runs; the training noise is now a function of (seed, step, micro-batch)
 
 
-def save_checkpoint(run_dir: str | os.PathLike, step: int, routing_state: dict, optimizer_state: dict | None, rng: dict, keep: int = 1) -> Path:
-    """Write a checkpoint atomically and point ``latest`` at it; keep only the newest ``keep`` checkpoints."""
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to disk, so a rename after it cannot expose a partial file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a folder; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, routing_state: dict, optimizer_state: dict | None, rng: dict | None = None, keep: int = 1) -> Path:
+    """Write a checkpoint atomically and point ``latest`` at it; keep only the newest ``keep`` checkpoints.
+
+    Nothing named ``step-*`` is ever incomplete: the files go into a temporary folder, are fsynced, and the folder
+    is renamed into place. If anything fails (or the process dies) before the rename, the previous checkpoint
+    stays the latest one and the temporary folder is removed (here, or by the next save).
+    """
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
+    for leftover in root.glob(".step-*"):  # temporary folders of writes killed before their rename
+        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in root.glob(".latest.*.tmp"):
+        leftover.unlink(missing_ok=True)
     name = f"step-{step:06d}"
+    final = root / name
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in routing_state.items()}, str(tmp / "routing.safetensors"))
         if optimizer_state is not None:
             torch.save(optimizer_state, tmp / "optimizer.pt")
-        torch.save(rng, tmp / "rng.pt")
+        if rng:
+            torch.save(rng, tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
-        final = root / name
-        if final.exists():
+        for path in tmp.iterdir():
+            _fsync(path)
+        _fsync(tmp)
+        if final.exists():  # the same step written before (a resumed run); never the one ``latest`` names
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fsync(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     atomic_write_text(root / "latest", name)
-    for old in sorted(p for p in root.glob("step-*") if p.name != name)[: max(0, len(list(root.glob("step-*"))) - keep)]:
+    older = sorted(p for p in root.glob("step-*") if p.name < name)
+    for old in older[: max(0, len(older) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def latest_checkpoint_dir(run_dir: str | os.PathLike) -> Path | None:
-    pointer = Path(run_dir) / CHECKPOINTS / "latest"
-    if not pointer.is_file():
-        return None
-    path = pointer.parent / pointer.read_text().strip()
-    if not (path / "routing.safetensors").is_file():
-        raise ToMoEError(f"the checkpoint {path} named by {pointer} is missing or incomplete; the run directory is corrupt.")
-    return path
+    """The newest complete checkpoint: the one ``latest`` names, else the highest ``step-*`` folder (complete by
+    construction), else None."""
+    root = Path(run_dir) / CHECKPOINTS
+    pointer = root / "latest"
+    if pointer.is_file():
+        path = root / pointer.read_text().strip()
+        if (path / "routing.safetensors").is_file():
+            return path
+    complete = sorted(p for p in root.glob("step-*") if (p / "routing.safetensors").is_file()) if root.is_dir() else []
+    if complete:
+        return complete[-1]
+    if pointer.is_file():
+        raise ToMoEError(f"the checkpoint named by {pointer} is missing and no other checkpoint is there; the run directory is corrupt.")
+    return None
 
 
 def load_checkpoint(run_dir: str | os.PathLike, with_optimizer: bool = True) -> Checkpoint | None:

@@ -13,8 +13,9 @@ def register(subparsers) -> None:
         help="write a trained run as a real MoE model folder (loads with transformers)",
         description="Turn the masks of a finished run into real experts (Sec. 3.5): each expert stores its own slices "
         "of gate/up/down, Q/K are sliced, routing is deterministic. 'tomoe' format: loads with AutoModelForCausalLM "
-        "after `import tomoe`, or with trust_remote_code=True without tomoe. 'mixtral' format (runs trained with "
-        "--attention none): the stock MixtralForCausalLM layout.",
+        "after `import tomoe`, or with trust_remote_code=True without tomoe. 'mixtral' format (Llama/Mistral runs trained "
+        "with --attention none): the stock MixtralForCausalLM layout. 'qwen3_moe' format (Qwen3 runs trained with "
+        "--attention none): the stock Qwen3MoeForCausalLM layout.",
     )
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished `tomoe convert` run directory")
     parser.add_argument("--out", required=True, metavar="MODEL_DIR", help="new folder to write (must not exist or be empty)")

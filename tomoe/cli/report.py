@@ -9,7 +9,7 @@ Write one HTML file (no network, no external files) showing what a ToMoE convers
 layer, attention dims kept, the active-parameter ratio per layer against the target, expert overlap and union
 coverage, router load and a token-by-token view of the experts on a sample text, and the training curves of the run.
 
-SOURCE is a run directory (from `tomoe convert`); an unfinished run shows its latest checkpoint."""
+RUN_DIR is a run directory (from `tomoe convert`); an unfinished run shows its latest checkpoint."""
 
 
 def register(subparsers) -> None:
@@ -17,7 +17,7 @@ def register(subparsers) -> None:
         "report",
         help="write a self-contained HTML report of a conversion",
         description=DESCRIPTION,
-        epilog="example:\n  tomoe report runs/p50 --out p50.html\n  tomoe report runs/p50 --text my_prompt.txt --out p50.html",
+        epilog="examples:\n  tomoe report runs/p50 --out p50.html\n  tomoe report runs/p50 --text my_prompt.txt --out p50.html",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("source", metavar="RUN_DIR", help="run directory to report on")

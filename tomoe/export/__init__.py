@@ -12,7 +12,7 @@ from tomoe.export.modeling_tomoe import TomoeForCausalLM
 AutoConfig.register(TomoeConfig.model_type, TomoeConfig, exist_ok=True)
 AutoModelForCausalLM.register(TomoeConfig, TomoeForCausalLM, exist_ok=True)
 
-EXPORT_FORMATS = ("tomoe", "mixtral")
+EXPORT_FORMATS = ("tomoe", "mixtral", "qwen3_moe")
 
 
 def export_run(run_dir, out_dir, format: str = "tomoe"):

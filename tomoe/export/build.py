@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import tempfile
@@ -17,6 +18,25 @@ from tomoe.patch import ForwardState, ToMoERouting
 MODELING_FILES = ("configuration_tomoe.py", "modeling_tomoe.py")
 # Base-config entries that describe where the dense weights came from, not the exported model.
 DROPPED_BASE_KEYS = ("quantization_config", "_name_or_path", "architectures", "auto_map", "model_type", "transformers_version")
+
+
+class _StockFormat:
+    """A stock transformers MoE layout: ``check(run_info)`` refuses runs it cannot hold, ``build`` makes the model."""
+
+    def __init__(self, module: str, check: str, build: str):
+        self.module, self._check, self._build = module, check, build
+
+    def check(self, info) -> None:
+        getattr(importlib.import_module(self.module), self._check)(info)
+
+    def build(self, dense, routing, state):
+        return getattr(importlib.import_module(self.module), self._build)(dense, routing, state)
+
+
+STOCK_FORMATS = {
+    "mixtral": _StockFormat("tomoe.export.mixtral", "check_mixtral_compatible", "build_mixtral"),
+    "qwen3_moe": _StockFormat("tomoe.export.qwen3_moe", "check_qwen3_moe_compatible", "build_qwen3_moe"),
+}
 
 
 def check_out_dir(out_dir: Path) -> None:
@@ -35,10 +55,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, format: str = "tomoe") 
     info = read_run(run_dir)
     if info.status != "finished":
         raise ToMoEError(f"the run {run_dir} is unfinished (status {info.status!r}); finish it with `tomoe convert --resume --out {run_dir}` before exporting.")
-    if format == "mixtral":
-        from tomoe.export.mixtral import check_mixtral_compatible
-
-        check_mixtral_compatible(info)
+    stock = STOCK_FORMATS.get(format)
+    if stock is not None:
+        stock.check(info)
     check_out_dir(out_dir)
 
     source = resolve_model_source(info.train.model)
@@ -46,12 +65,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, format: str = "tomoe") 
     routing = load_routing(run_dir, dense, info)
     with torch.no_grad():
         state = routing.compute_static_masks()
-        if format == "mixtral":
-            from tomoe.export.mixtral import build_mixtral
-
-            model = build_mixtral(dense, routing, state)
-        else:
-            model = build_tomoe(dense, routing, state)
+        model = stock.build(dense, routing, state) if stock is not None else build_tomoe(dense, routing, state)
     model.generation_config = dense.generation_config
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -76,12 +90,17 @@ def exported_config(dense, routing: ToMoERouting, state: ForwardState) -> TomoeC
     values = {k: v for k, v in dense.config.to_dict().items() if k not in DROPPED_BASE_KEYS}
     geometry = routing.geometry
     dynamic = routing.dynamic_attention
+    qk_dims = [max(int(mask.sum()), 2) if dynamic else geometry.head_dim for mask in state.qk_masks]
+    rotary_dims = None
+    if dynamic and geometry.rotary_dim < geometry.head_dim:  # partial rotary: kept dims past rotary_dim are not rotated
+        rotary_dims = [int(mask[: geometry.rotary_dim].sum()) if mask.sum() else 2 for mask in state.qk_masks]
     config = TomoeConfig(
         base_model_type=dense.config.model_type,
         num_experts=routing.config.num_experts,
         mlp_widths=[int(masks.sum(dim=-1).max()) for masks in state.expert_masks],
         # At least one RoPE pair is stored so that shapes stay valid when every query/key dim was pruned.
-        qk_dims=[max(int(mask.sum()), 2) if dynamic else geometry.head_dim for mask in state.qk_masks],
+        qk_dims=qk_dims,
+        qk_rotary_dims=rotary_dims,
         vo_topk=list(routing.vo_topk) if dynamic else [geometry.head_dim] * geometry.num_layers,
         expert_embed_dim=routing.config.expert_embed_dim,
         dense_attention=not dynamic,
@@ -100,10 +119,10 @@ def build_tomoe(dense, routing: ToMoERouting, state: ForwardState) -> TomoeForCa
     own = model.state_dict()
     shared = {k: v for k, v in dense.state_dict().items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(shared, strict=False)
-    family, head_dim = routing.family, routing.geometry.head_dim
-    for index, (dense_layer, layer) in enumerate(zip(family.decoder_layers(dense), family.decoder_layers(model))):
-        dense_mlp = family.mlp_module(dense_layer)
-        gate, up, down = (dense_mlp.get_submodule(name).weight for name in (family.gate_proj, family.up_proj, family.down_proj))
+    family, geometry = routing.family, routing.geometry
+    head_dim = geometry.head_dim
+    for index, (dense_layer, layer) in enumerate(zip(family.decoder_layers(dense), model.model.layers)):
+        gate, up, down = family.mlp_weights(family.mlp_module(dense_layer))
         experts = layer.mlp.experts
         layer.mlp.router.weight.copy_(routing.mlp[index].router.weight)
         for expert, mask in enumerate(state.expert_masks[index]):
@@ -112,17 +131,19 @@ def build_tomoe(dense, routing: ToMoERouting, state: ForwardState) -> TomoeForCa
             experts.gate_up_proj[expert] = torch.cat([gate[channels], up[channels]])
             experts.down_proj[expert] = down[:, channels]
         if routing.dynamic_attention:
-            dense_attention = family.attention_module(dense_layer)
-            kept = state.qk_masks[index].nonzero().squeeze(-1)  # head dims kept, RoPE halves in order
+            weights = family.attention_weights(family.attention_module(dense_layer), geometry)
+            # head dims kept: RoPE first halves, their second halves, then non-rotary dims, each ascending
+            kept = state.qk_masks[index].nonzero().squeeze(-1)
             attention = layer.self_attn
-            attention.rope_index.copy_(kept if kept.numel() else torch.tensor([0, head_dim // 2]))
-            for name, sliced in ((family.q_proj, attention.q_proj), (family.k_proj, attention.k_proj)):
+            attention.rope_index.copy_(kept if kept.numel() else torch.tensor([0, geometry.rotary_dim // 2]))
+            for key, sliced in (("q", attention.q_proj), ("k", attention.k_proj)):
                 if kept.numel():
-                    _copy_head_slice(dense_attention.get_submodule(name), sliced, kept, head_dim)
+                    _copy_head_slice(*weights[key], sliced, kept, head_dim)
                 else:  # every query/key dim pruned: one all-zero pair gives the same all-zero scores
                     for tensor in (sliced.weight, sliced.bias):
                         if tensor is not None:
                             tensor.zero_()
+            _copy_linear(*weights["v"], attention.v_proj)  # a no-op unless the dense v was fused (Phi-3)
             source = routing.attention[index]
             attention.vo_router.token_proj.weight.copy_(source.token_proj.weight)
             attention.vo_router.token_proj.bias.copy_(state.mean_embeddings[index])
@@ -130,9 +151,14 @@ def build_tomoe(dense, routing: ToMoERouting, state: ForwardState) -> TomoeForCa
     return model.eval()
 
 
-def _copy_head_slice(dense: torch.nn.Linear, sliced: torch.nn.Linear, kept: torch.Tensor, head_dim: int) -> None:
-    """Copy the rows of the ``kept`` dims of every head from a dense projection."""
-    weight = dense.weight.unflatten(0, (-1, head_dim))  # (heads, head_dim, d)
-    sliced.weight.copy_(weight[:, kept].flatten(0, 1))
-    if dense.bias is not None:
-        sliced.bias.copy_(dense.bias.unflatten(0, (-1, head_dim))[:, kept].flatten())
+def _copy_linear(weight: torch.Tensor, bias: torch.Tensor | None, target: torch.nn.Linear) -> None:
+    target.weight.copy_(weight)
+    if bias is not None:
+        target.bias.copy_(bias)
+
+
+def _copy_head_slice(weight: torch.Tensor, bias: torch.Tensor | None, sliced: torch.nn.Linear, kept: torch.Tensor, head_dim: int) -> None:
+    """Copy the rows of the ``kept`` dims of every head from dense projection rows ``weight`` (heads * head_dim, d)."""
+    sliced.weight.copy_(weight.unflatten(0, (-1, head_dim))[:, kept].flatten(0, 1))
+    if bias is not None:
+        sliced.bias.copy_(bias.unflatten(0, (-1, head_dim))[:, kept].flatten())

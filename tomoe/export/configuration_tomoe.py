@@ -6,7 +6,7 @@ Self-contained (only ``transformers`` is imported) because it is copied next to 
 
 from transformers import PretrainedConfig
 
-TOMOE_KEYS = ("base_model_type", "num_experts", "mlp_widths", "qk_dims", "vo_topk", "expert_embed_dim", "dense_attention")
+TOMOE_KEYS = ("base_model_type", "num_experts", "mlp_widths", "qk_dims", "qk_rotary_dims", "vo_topk", "expert_embed_dim", "dense_attention")
 
 
 class TomoeConfig(PretrainedConfig):
@@ -14,7 +14,8 @@ class TomoeConfig(PretrainedConfig):
 
     Every attribute of the base config (hidden size, heads, RoPE, norms, ...) is kept as is; these are added:
     ``base_model_type`` (the dense family, e.g. ``llama``), ``num_experts``, per-layer ``mlp_widths`` (channels of
-    every expert of the layer), ``qk_dims`` (query/key dims kept per head), ``vo_topk`` (value/output dims each token
+    every expert of the layer), ``qk_dims`` (query/key dims kept per head), ``qk_rotary_dims`` (how many of those
+    are rotated by RoPE: less than ``qk_dims`` only with partial rotary; default all), ``vo_topk`` (value/output dims each token
     keeps per head; ``head_dim`` when attention is dense), ``expert_embed_dim`` and ``dense_attention``.
     """
 
@@ -26,6 +27,7 @@ class TomoeConfig(PretrainedConfig):
         num_experts: int = 8,
         mlp_widths: list | None = None,
         qk_dims: list | None = None,
+        qk_rotary_dims: list | None = None,
         vo_topk: list | None = None,
         expert_embed_dim: int = 128,
         dense_attention: bool = False,
@@ -35,6 +37,7 @@ class TomoeConfig(PretrainedConfig):
         self.num_experts = num_experts
         self.mlp_widths = list(mlp_widths or [])
         self.qk_dims = list(qk_dims or [])
+        self.qk_rotary_dims = list(qk_rotary_dims) if qk_rotary_dims else None
         self.vo_topk = list(vo_topk or [])
         self.expert_embed_dim = expert_embed_dim
         self.dense_attention = dense_attention

@@ -21,40 +21,42 @@ SHARED_FIELDS = (
 )
 
 
-def check_mixtral_compatible(info) -> None:
+def check_dense_attention_run(info, format: str, families: tuple[str, ...], model_class: str) -> None:
+    """Refuse a run that a stock MoE layout (plain attention, one expert width) cannot hold."""
     if info.tomoe.attention != "none":
         raise ToMoEError(
-            "--format mixtral needs a run trained with --attention none: stock Mixtral attention cannot hold sliced "
-            "query/key dims or per-token value/output dims. Export this run with --format tomoe instead."
+            f"--format {format} needs a run trained with --attention none: stock {model_class} attention cannot hold "
+            "sliced query/key dims or per-token value/output dims. Export this run with --format tomoe instead."
         )
-    if info.family not in MIXTRAL_FAMILIES:
-        raise ToMoEError(f"--format mixtral supports the {', '.join(MIXTRAL_FAMILIES)} family; this run is {info.family!r}. Use --format tomoe.")
+    if info.family not in families:
+        raise ToMoEError(f"--format {format} supports the {', '.join(families)} family; this run is {info.family!r}. Use --format tomoe.")
 
 
-def build_mixtral(dense, routing: ToMoERouting, state: ForwardState):
-    from transformers import MixtralConfig, MixtralForCausalLM
+def check_mixtral_compatible(info) -> None:
+    check_dense_attention_run(info, "mixtral", MIXTRAL_FAMILIES, "Mixtral")
 
-    base = dense.config
-    if getattr(base, "attention_bias", False) or getattr(base, "mlp_bias", False):
-        raise ToMoEError("--format mixtral cannot hold attention or MLP biases; use --format tomoe for this model.")
+
+def padded_width(state: ForwardState) -> int:
+    """The one expert width of a stock MoE: the widest expert of the model, rounded up to a multiple of 8.
+
+    The rounding keeps transformers' grouped-matmul experts on 16-byte aligned strides.
+    """
     widest = max(int(masks.sum(dim=-1).max()) for masks in state.expert_masks)
-    # Rounded up to a multiple of 8 channels: transformers' grouped-matmul experts need 16-byte aligned strides.
-    width = -(-widest // 8) * 8
-    values = {name: getattr(base, name) for name in SHARED_FIELDS if hasattr(base, name)}
-    config = MixtralConfig(
-        **values,
-        intermediate_size=width,
-        num_local_experts=routing.config.num_experts,
-        num_experts_per_tok=1,
-        router_jitter_noise=0.0,
-    )
-    model = MixtralForCausalLM(config).to(dense.dtype)
+    return -(-widest // 8) * 8
+
+
+def load_shared_weights(model, dense) -> None:
+    """Copy every dense weight whose name and shape the stock model shares (embeddings, norms, attention)."""
     own = model.state_dict()
     model.load_state_dict({k: v for k, v in dense.state_dict().items() if k in own and own[k].shape == v.shape}, strict=False)
+
+
+def fill_padded_experts(dense, routing: ToMoERouting, state: ForwardState, model, width: int) -> None:
+    """Write router and zero-padded experts into a stock MoE whose layers hold ``mlp.gate`` and ``mlp.experts``
+    (``gate_up_proj`` (N, 2 * width, d) = gate rows then up rows, ``down_proj`` (N, d, width))."""
     family = routing.family
     for index, (dense_layer, layer) in enumerate(zip(family.decoder_layers(dense), model.model.layers)):
-        dense_mlp = family.mlp_module(dense_layer)
-        gate, up, down = (dense_mlp.get_submodule(name).weight for name in (family.gate_proj, family.up_proj, family.down_proj))
+        gate, up, down = family.mlp_weights(family.mlp_module(dense_layer))
         layer.mlp.gate.weight.copy_(routing.mlp[index].router.weight)
         experts = layer.mlp.experts
         experts.gate_up_proj.zero_()
@@ -65,4 +67,24 @@ def build_mixtral(dense, routing: ToMoERouting, state: ForwardState):
             experts.gate_up_proj[expert, :kept] = gate[channels]
             experts.gate_up_proj[expert, width : width + kept] = up[channels]
             experts.down_proj[expert, :, :kept] = down[:, channels]
+
+
+def build_mixtral(dense, routing: ToMoERouting, state: ForwardState):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    base = dense.config
+    if getattr(base, "attention_bias", False) or getattr(base, "mlp_bias", False):
+        raise ToMoEError("--format mixtral cannot hold attention or MLP biases; use --format tomoe for this model.")
+    width = padded_width(state)
+    values = {name: getattr(base, name) for name in SHARED_FIELDS if hasattr(base, name)}
+    config = MixtralConfig(
+        **values,
+        intermediate_size=width,
+        num_local_experts=routing.config.num_experts,
+        num_experts_per_tok=1,
+        router_jitter_noise=0.0,
+    )
+    model = MixtralForCausalLM(config).to(dense.dtype)
+    load_shared_weights(model, dense)
+    fill_padded_experts(dense, routing, state, model, width)
     return model.eval()

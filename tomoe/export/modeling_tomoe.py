@@ -31,10 +31,13 @@ def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
     return states if groups == 1 else states.repeat_interleave(groups, dim=1)
 
 
-def _eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Plain softmax attention; query/key and value may have different head dims."""
+def _eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, softcap=None, **kwargs):
+    """Plain softmax attention; query/key and value may have different head dims. ``softcap``: Gemma-2's
+    attention-logit soft-capping ``cap * tanh(scores / cap)``, before the mask."""
     key, value = _repeat_kv(key, module.num_key_value_groups), _repeat_kv(value, module.num_key_value_groups)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None:
         scores = scores + attention_mask[:, :, :, : key.shape[-2]]
     weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
@@ -119,8 +122,15 @@ class TomoeVORouter(nn.Module):
 class TomoeAttention(nn.Module):
     """The family's attention with query/key physically sliced to ``qk_dims`` and per-token top-K V/O dims.
 
-    The kept query/key dims come in RoPE pairs (i, i + head_dim/2); ``rope_index`` lists them in that half/half
-    layout so the rotary cos/sin are sliced the same way. The softmax scale stays the dense head_dim's.
+    ``rope_index`` lists the kept head dims of every query/key head, ascending: first the kept RoPE pairs in the
+    half/half ``rotate_half`` layout (i, then i + rotary_dim/2; ``qk_rotary_dims`` of them), then kept dims past a
+    partial rotary_dim, which RoPE leaves alone. The rotary cos/sin are sliced the same way. The softmax scale stays
+    the dense head_dim's (or the family's own, e.g. Gemma's query_pre_attn_scalar).
+
+    Per-head query/key norms (Qwen3, Gemma-3 ``q_norm``/``k_norm``) are the dense modules: the kept dims are put back
+    in place among zeros, normed over the dense head_dim and sliced again, which equals the training-time model
+    whose Q/K mask zeroes the pruned dims before the norm (a zero adds nothing to the RMS and stays zero).
+    Fused dense projections (Phi-3 ``qkv_proj``) become separate ``q_proj``/``k_proj``/``v_proj`` here.
     """
 
     def __init__(self, dense: nn.Module, config: TomoeConfig, layer_idx: int):
@@ -128,38 +138,66 @@ class TomoeAttention(nn.Module):
         self.config, self.layer_idx = config, layer_idx
         self.head_dim = dense.head_dim
         self.qk_dim = config.qk_dims[layer_idx]
+        rotary = getattr(config, "qk_rotary_dims", None)
+        self.qk_rotary_dim = rotary[layer_idx] if rotary else self.qk_dim
         self.num_key_value_groups = dense.num_key_value_groups
         self.scaling = dense.scaling
         self.attention_dropout = dense.attention_dropout
-        self.is_causal = True
+        self.is_causal = getattr(dense, "is_causal", True)
         self.sliding_window = getattr(dense, "sliding_window", None)
-        hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, config.num_attention_heads * self.qk_dim, bias=dense.q_proj.bias is not None)
-        self.k_proj = nn.Linear(hidden, config.num_key_value_heads * self.qk_dim, bias=dense.k_proj.bias is not None)
-        self.v_proj, self.o_proj = dense.v_proj, dense.o_proj
+        self.softcap = getattr(dense, "attn_logit_softcapping", None)
+        hidden, kv_width = config.hidden_size, config.num_key_value_heads * self.head_dim
+        self.q_proj = nn.Linear(hidden, config.num_attention_heads * self.qk_dim, bias=_has_bias(dense, "q_proj", config))
+        self.k_proj = nn.Linear(hidden, config.num_key_value_heads * self.qk_dim, bias=_has_bias(dense, "k_proj", config))
+        self.v_proj = dense.v_proj if hasattr(dense, "v_proj") else nn.Linear(hidden, kv_width, bias=_has_bias(dense, "v_proj", config))
+        self.o_proj = dense.o_proj
+        self.q_norm, self.k_norm = getattr(dense, "q_norm", None), getattr(dense, "k_norm", None)
         self.register_buffer("rope_index", torch.zeros(self.qk_dim, dtype=torch.long))
         self.vo_router = TomoeVORouter(hidden, config.expert_embed_dim, self.head_dim, config.vo_topk[layer_idx])
 
+    def _head_norm(self, norm: nn.Module, states: torch.Tensor) -> torch.Tensor:
+        """The dense per-head norm of sliced (..., qk_dim) features, as if the pruned dims were zeros."""
+        full = states.new_zeros(*states.shape[:-1], self.head_dim).index_copy(-1, self.rope_index, states)
+        return norm(full).index_select(-1, self.rope_index)
+
+    def _rotate(self, states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        rotary = self.qk_rotary_dim
+        if rotary == self.qk_dim:
+            return states * cos + _rotate_half(states) * sin
+        rot, rest = states[..., :rotary], states[..., rotary:]
+        return torch.cat([rot * cos + _rotate_half(rot) * sin, rest], dim=-1)
+
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
-        query = self.q_proj(hidden_states).view(*input_shape, -1, self.qk_dim).transpose(1, 2)  # (B, H, T, qk)
-        key = self.k_proj(hidden_states).view(*input_shape, -1, self.qk_dim).transpose(1, 2)
+        query = self.q_proj(hidden_states).view(*input_shape, -1, self.qk_dim)  # (B, T, H, qk)
+        key = self.k_proj(hidden_states).view(*input_shape, -1, self.qk_dim)
+        if self.q_norm is not None:
+            query, key = self._head_norm(self.q_norm, query), self._head_norm(self.k_norm, key)
+        query, key = query.transpose(1, 2), key.transpose(1, 2)  # (B, H, T, qk)
         value = self.v_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         cos, sin = position_embeddings
-        cos, sin = cos[..., self.rope_index].unsqueeze(1), sin[..., self.rope_index].unsqueeze(1)
-        query = query * cos + _rotate_half(query) * sin
-        key = key * cos + _rotate_half(key) * sin
+        rotary_index = self.rope_index[: self.qk_rotary_dim]
+        cos, sin = cos[..., rotary_index].unsqueeze(1), sin[..., rotary_index].unsqueeze(1)
+        query, key = self._rotate(query, cos, sin), self._rotate(key, cos, sin)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, _eager_attention)
+        if self.softcap is not None and self.config._attn_implementation == "sdpa":
+            attention = _eager_attention  # sdpa has no logit soft-capping
         output, weights = attention(
             self, query, key, value, attention_mask,
             dropout=self.attention_dropout if self.training else 0.0,
-            scaling=self.scaling, sliding_window=self.sliding_window, **kwargs,
+            scaling=self.scaling, sliding_window=self.sliding_window, softcap=self.softcap, **kwargs,
         )
         output = output.reshape(*input_shape, -1, self.head_dim)  # (B, T, H, hd)
         output = output * self.vo_router(hidden_states).to(output.dtype).unsqueeze(-2)
         return self.o_proj(output.flatten(-2)), weights
+
+
+def _has_bias(dense: nn.Module, name: str, config) -> bool:
+    """Whether the dense projection ``name`` (or the fused ``qkv_proj`` holding it) has a bias."""
+    module = getattr(dense, name, None) or getattr(dense, "qkv_proj", None)
+    return module.bias is not None if module is not None else bool(getattr(config, "attention_bias", False))
 
 
 def dense_decoder_class(base_model_type: str):
@@ -175,6 +213,12 @@ class TomoePreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_attention_backend = True
     _skip_keys_device_placement = ["past_key_values"]
+
+    def _sdpa_can_dispatch(self, is_init_check: bool = False) -> bool:
+        if getattr(self.config, "attn_logit_softcapping", None) is not None:
+            # Falls back to eager (as the dense Gemma-2 does): sdpa cannot soft-cap attention logits.
+            raise ValueError("sdpa does not support attention-logit soft-capping (attn_logit_softcapping)")
+        return super()._sdpa_can_dispatch(is_init_check)
 
     def _init_weights(self, module):
         super()._init_weights(module)

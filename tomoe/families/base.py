@@ -39,9 +39,20 @@ class Geometry:
 class FamilyAdapter:
     """Where a family keeps its decoder layers and projections (attribute names relative to each module).
 
-    ``qk_mask_points`` name the modules whose outputs carry per-head query/key features after any per-head norm
-    and before RoPE; masking there is equivalent to masking after RoPE because a RoPE pair that is zeroed stays
-    zero when rotated.
+    The method code never names a family: everything it needs about one goes through this class.
+
+    * ``attention_input``: the module whose input is the (normed) attention input; the V/O router reads it.
+    * ``qk_mask_points``: the modules whose outputs carry the per-head query/key features *before* any per-head
+      norm and before RoPE; the static Q/K mask multiplies them there (``qk_point_mask`` says which output
+      features belong to which head dim). Masking before RoPE equals masking after it, because a RoPE pair that is
+      zeroed stays zero when rotated.
+    * ``qk_norms``: per-head query/key norms that follow the mask points (Qwen3, Gemma-3), or ``None``. The mask is
+      applied *before* them, so a pruned dim enters the norm as an exact zero: it adds nothing to the RMS (whose
+      divisor stays the dense head_dim) and stays zero after the norm. The exported model therefore computes the
+      norm from the kept dims alone and needs no row of a pruned dim, which keeps Q/K truly sliced. (Masking after
+      the norm would make the RMS depend on the pruned dims, i.e. the export would need the full q/k weights.)
+    * ``attention_weights`` / ``mlp_weights``: the dense weight rows of q, k, v and gate, up, down, which
+      families with fused projections (Phi-3's ``qkv_proj`` / ``gate_up_proj``) override to slice them.
     """
 
     name: str
@@ -56,7 +67,10 @@ class FamilyAdapter:
     gate_proj: str = "gate_proj"
     up_proj: str = "up_proj"
     down_proj: str = "down_proj"
-    qk_mask_points: tuple[str, str] = ("q_proj", "k_proj")
+    attention_input: str = "q_proj"
+    qk_mask_points: tuple[str, ...] = ("q_proj", "k_proj")
+    qk_norms: tuple[str, str] | None = None
+    notes: str = ""  # one line for the docs table
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)
@@ -73,12 +87,29 @@ class FamilyAdapter:
         cap = getattr(model.config, "final_logit_softcapping", None)
         return torch.tanh(logits / cap) * cap if cap else logits
 
+    def qk_point_mask(self, point: str, mask: torch.Tensor, width: int, geometry: Geometry) -> torch.Tensor:
+        """The multiplier (width,) of the output features of mask point ``point`` given the per-head mask (head_dim,).
+
+        Unfused q/k projections hold whole heads of query/key features, so the head mask repeats over them.
+        """
+        return mask.repeat(width // geometry.head_dim)
+
+    def attention_weights(self, attention: nn.Module, geometry: Geometry) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """``{"q"|"k"|"v": (weight, bias or None)}``: the dense rows of each projection, heads of head_dim rows."""
+        modules = {"q": self.q_proj, "k": self.k_proj, "v": self.v_proj}
+        return {key: _weight_and_bias(attention.get_submodule(name)) for key, name in modules.items()}
+
+    def mlp_weights(self, mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gate (I, d), up (I, d), down (d, I)) weights of a dense MLP ``down(act(gate x) * up x)``."""
+        return tuple(mlp.get_submodule(name).weight for name in (self.gate_proj, self.up_proj, self.down_proj))
+
     def geometry(self, config) -> Geometry:
         num_heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
         rotary_fraction = getattr(config, "partial_rotary_factor", None)
         if rotary_fraction is None:
-            rotary_fraction = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
+            rope = getattr(config, "rope_parameters", None) or {}
+            rotary_fraction = rope.get("partial_rotary_factor", 1.0) if "rope_theta" in rope or "rope_type" in rope else 1.0
         return Geometry(
             num_layers=config.num_hidden_layers,
             hidden_size=config.hidden_size,
@@ -92,10 +123,15 @@ class FamilyAdapter:
     def qk_mask_groups(self, geometry: Geometry) -> torch.Tensor:
         """For each head dim, the index of the static-mask entry that decides it.
 
-        RoPE in the ``rotate_half`` layout rotates dim i together with dim i + rotary_dim/2, so both share one
-        entry; dims past rotary_dim carry no position and get an entry each.
+        RoPE in the ``rotate_half`` layout (every supported family; partial rotary rotates the leading rotary_dim
+        dims) rotates dim i together with dim i + rotary_dim/2, so both share one entry; dims past rotary_dim carry
+        no position and get an entry each.
         """
         half = geometry.rotary_dim // 2
         rotary = torch.arange(geometry.rotary_dim) % max(half, 1)
         free = torch.arange(geometry.head_dim - geometry.rotary_dim) + half
         return torch.cat([rotary, free])
+
+
+def _weight_and_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return module.weight, getattr(module, "bias", None)

@@ -1,5 +1,13 @@
-"""Llama-style decoders: Llama 1-3, SmolLM/SmolLM2, Mistral (separate q/k/v/o and gate/up/down)."""
+"""Llama-style decoders: Llama 1-3, SmolLM/SmolLM2, Mistral (separate q/k/v/o and gate/up/down).
+
+Mistral's sliding window lives in the attention mask and the cache, which the patched model and the export both
+take from the family's own decoder, so it needs nothing here.
+"""
 
 from tomoe.families.base import FamilyAdapter
 
-LLAMA = FamilyAdapter(name="llama", model_types=("llama", "mistral"))
+LLAMA = FamilyAdapter(
+    name="llama",
+    model_types=("llama", "mistral"),
+    notes="Mistral's sliding window is kept (mask and cache come from the family's decoder).",
+)

@@ -14,19 +14,26 @@ from tomoe.report.collect import DEFAULT_TEXT, ReportData, TokenRouting, collect
 __all__ = ["DEFAULT_TEXT", "ReportData", "TokenRouting", "build_report", "collect", "write_report"]
 
 
+def _check_out(out: str | Path) -> Path:
+    out = Path(out)
+    if out.is_dir():
+        raise ToMoEError(f"--out {out} is a directory; pass a file name such as {out / 'report.html'}.")
+    return out
+
+
 def write_report(data: ReportData, out: str | Path) -> Path:
     """Draw and write the page for already collected data; returns the written path."""
     from tomoe.report.html import render
     from tomoe.report.plots import all_figures
     from tomoe.run import atomic_write_text
 
-    out = Path(out)
-    if out.is_dir():
-        raise ToMoEError(f"--out {out} is a directory; pass a file name such as {out / 'report.html'}.")
+    out = _check_out(out)
     atomic_write_text(out, render(data, all_figures(data)))
+    out.chmod(0o644)  # a page to share, not a secret (the atomic write creates files private to the user)
     return out
 
 
 def build_report(source: str | Path, out: str | Path, text: str | Path | None = None) -> Path:
     """Write the HTML report of ``source`` (a run directory) to ``out``; ``text`` is a sample text file."""
+    _check_out(out)  # before the model is loaded, so a bad --out fails fast
     return write_report(collect(source, text), out)

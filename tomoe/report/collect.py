@@ -143,7 +143,7 @@ def tokenize_sample(tokenizer, text: str, max_tokens: int) -> tuple[torch.Tensor
 
 
 def collect(source: str | Path, text_file: str | Path | None = None) -> ReportData:
-    """ReportData for a run directory (exported model folders: see :func:`collect_exported`)."""
+    """ReportData for a run directory or an exported model folder."""
     from tomoe.run import is_run_dir
 
     path = Path(source)
@@ -157,13 +157,61 @@ def collect(source: str | Path, text_file: str | Path | None = None) -> ReportDa
     )
 
 
+@torch.no_grad()
 def collect_exported(model_dir: Path, text_file: str | Path | None = None) -> ReportData:
-    """Exported MoE folders are not read yet: the report needs the run they came from."""
+    """ReportData of a folder written by ``tomoe export --format tomoe``, read from its experts and routers."""
     import json
 
-    run = json.loads((model_dir / "tomoe_export.json").read_text()).get("run")
-    hint = f" (this one was exported from {run})" if run else ""
-    raise ToMoEError(f"reports of exported model folders are not supported yet; pass the run directory instead{hint}.")
+    from transformers import AutoTokenizer
+
+    from types import SimpleNamespace
+
+    from tomoe.families import get_family
+    from tomoe.info import load_exported
+
+    text, caption = read_sample_text(text_file)
+    model, kind = load_exported(model_dir)
+    if kind != "tomoe":
+        raise ToMoEError(f"{model_dir} is a {kind} export, which keeps no routing details; report the run directory or a --format tomoe export instead.")
+    config, exported = model.config, json.loads((model_dir / "tomoe_export.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    input_ids, pieces, truncated = tokenize_sample(tokenizer, text, min(MAX_SAMPLE_TOKENS, config.max_position_embeddings))
+    routed: dict[int, list[int]] = {}
+    handles = [
+        layer.mlp.router.register_forward_hook(lambda m, a, out, i=i: routed.__setitem__(i, out.reshape(-1, out.shape[-1]).argmax(-1).tolist()))
+        for i, layer in enumerate(model.model.layers)
+    ]
+    model(input_ids)
+    for handle in handles:
+        handle.remove()
+    family = get_family(SimpleNamespace(model_type=config.base_model_type, architectures=None))
+    geometry = family.geometry(config)  # the exported config keeps every dense shape
+    masks = []
+    for layer in model.model.layers:
+        channels = layer.mlp.experts.channels
+        mask = np.zeros((config.num_experts, geometry.intermediate_size), dtype=bool)
+        np.put_along_axis(mask, channels.cpu().numpy(), True, axis=1)
+        masks.append(mask)
+    qk_dims, vo_topk = list(config.qk_dims), list(config.vo_topk)
+    layer_active = layer_active_ratios(geometry, list(config.mlp_widths), qk_dims, vo_topk)
+    learned = exported.get("result", {}).get("expert_widths") or [[w] * config.num_experts for w in config.mlp_widths]
+    return ReportData(
+        name=str(model_dir),
+        kind="model",
+        num_experts=config.num_experts,
+        attention="none" if config.dense_attention else "dynamic",
+        target_active=exported.get("tomoe", {}).get("target_active"),
+        intermediate_size=geometry.intermediate_size,
+        head_dim=geometry.head_dim,
+        expert_widths=[[int(w) for w in layer] for layer in learned],
+        expert_masks=masks,
+        qk_dims=qk_dims,
+        vo_topk=vo_topk,
+        layer_active=layer_active,
+        active_ratio=float(np.mean(layer_active)),
+        routing=TokenRouting(pieces, [routed[i] for i in range(len(masks))], caption, truncated),
+        details={"exported from": str(exported.get("run")), "base model type": config.base_model_type},
+    )
 
 
 @torch.no_grad()

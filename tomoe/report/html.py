@@ -22,6 +22,7 @@ main { max-width: 1080px; margin: 0 auto; padding: 0 20px 48px; }
 header { padding: 20px 0 8px; border-bottom: 1px solid var(--line); }
 h1 { font-size: 1.5rem; margin: 0 0 4px; }
 h2 { font-size: 1.2rem; margin: 36px 0 8px; padding-top: 8px; border-top: 1px solid var(--line); }
+#summary h2 { border-top: none; }
 p.note, .muted { color: var(--muted); font-size: 0.9rem; margin: 4px 0 10px; }
 nav { position: sticky; top: 0; background: #fff; padding: 8px 0; border-bottom: 1px solid var(--line); z-index: 1; font-size: 0.9rem; }
 nav a { margin-right: 14px; color: #0969da; text-decoration: none; white-space: nowrap; }

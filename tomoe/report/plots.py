@@ -78,8 +78,11 @@ def attention_dims(data: ReportData) -> bytes:
     with matplotlib.rc_context(STYLE):
         fig = _figure(WIDTH, 3.0)
         ax = fig.subplots()
-        ax.bar(layers - 0.2, data.qk_dims, width=0.4, label="Q/K dims kept (static)", color="#4c72b0")
-        ax.bar(layers + 0.2, data.vo_topk, width=0.4, label="V/O dims kept per token (top-K)", color="#dd8452")
+        qk = ax.bar(layers - 0.2, data.qk_dims, width=0.4, label="Q/K dims kept (static)", color="#4c72b0")
+        vo = ax.bar(layers + 0.2, data.vo_topk, width=0.4, label="V/O dims kept per token (top-K)", color="#dd8452")
+        if data.num_layers <= 32:  # numbers make a zero (fully pruned) bar visible too
+            for bars in (qk, vo):
+                ax.bar_label(bars, fontsize=7, padding=1)
         ax.axhline(data.head_dim, color="grey", linestyle="--", linewidth=1, label=f"head_dim = {data.head_dim}")
         ax.set_ylim(0, data.head_dim * 1.25)
         _layer_ticks(ax, data.num_layers, "x")
@@ -122,7 +125,7 @@ def overlap_summary(data: ReportData) -> bytes:
         _layer_ticks(ax, data.num_layers, "x")
         ax.set_xlabel("layer")
         ax.set_title("Expert overlap (kept channels) and union coverage of the dense MLP")
-        ax.legend(loc="lower right", ncols=3, fontsize=8, frameon=False)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=3, fontsize=8, frameon=False)  # below: lines can be anywhere
         return _png(fig)
 
 
@@ -140,8 +143,11 @@ def overlap_matrices(data: ReportData) -> bytes:
                 continue
             image = ax.imshow(jaccard_matrix(data.expert_masks[index]), cmap="magma", vmin=0, vmax=1, interpolation="nearest")
             ax.set_title(f"layer {index}", fontsize=8)
-            ax.set_xticks([])
-            ax.set_yticks([])
+            experts = data.num_experts
+            labels = [f"E{e}" for e in range(experts)] if experts <= 8 else []  # beyond 8 the labels collide
+            ax.set_xticks(range(experts) if labels else [], labels, fontsize=6)
+            ax.set_yticks(range(experts) if labels else [], labels, fontsize=6)
+            ax.tick_params(length=0)
         fig.colorbar(image, ax=axes.ravel().tolist(), label="Jaccard of kept channels", fraction=0.03)
         return _png(fig)
 

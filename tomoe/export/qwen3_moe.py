@@ -1,0 +1,54 @@
+"""``--format qwen3_moe``: the stock transformers Qwen3-MoE layout, for Qwen3 runs that kept attention dense.
+
+Qwen3-MoE's attention is Qwen3's (q/k RMSNorm over head_dim, same weight names), so attention, norms and
+embeddings are copied as they are. The MoE block routes top-1 with ``norm_topk_prob``: the renormalised weight of
+the single chosen expert is exactly 1, and softmax keeps the argmax of the router logits, so the choice is ToMoE's.
+Like the Mixtral format, every expert is zero-padded to one model-wide width (``moe_intermediate_size``): a zero
+gate/up row and down column add ``act(0) * 0 = 0``. Every layer is sparse (``decoder_sparse_step`` 1, no
+``mlp_only_layers``).
+"""
+
+from __future__ import annotations
+
+from tomoe.errors import ToMoEError
+from tomoe.export.mixtral import check_dense_attention_run, fill_padded_experts, load_shared_weights, padded_width
+from tomoe.patch import ForwardState, ToMoERouting
+
+QWEN3_MOE_FAMILIES = ("qwen3",)
+# Base-config fields that Qwen3-MoE shares with Qwen3.
+SHARED_FIELDS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps", "pad_token_id", "bos_token_id",
+    "eos_token_id", "tie_word_embeddings", "attention_dropout", "attention_bias", "rope_parameters",
+)
+
+
+def check_qwen3_moe_compatible(info) -> None:
+    check_dense_attention_run(info, "qwen3_moe", QWEN3_MOE_FAMILIES, "Qwen3-MoE")
+
+
+def build_qwen3_moe(dense, routing: ToMoERouting, state: ForwardState):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    base = dense.config
+    layer_types = getattr(base, "layer_types", None) or []
+    if getattr(base, "use_sliding_window", False) and "sliding_attention" in layer_types:
+        # Qwen3-MoE applies one sliding window to every layer; Qwen3 chooses per layer.
+        raise ToMoEError("--format qwen3_moe cannot hold Qwen3's per-layer sliding-window attention; use --format tomoe for this model.")
+    width = padded_width(state)
+    values = {name: getattr(base, name) for name in SHARED_FIELDS if hasattr(base, name)}
+    config = Qwen3MoeConfig(
+        **values,
+        intermediate_size=base.intermediate_size,  # dense MLP width; unused since every layer is sparse
+        moe_intermediate_size=width,
+        num_experts=routing.config.num_experts,
+        num_experts_per_tok=1,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        use_sliding_window=False,
+    )
+    model = Qwen3MoeForCausalLM(config).to(dense.dtype)
+    load_shared_weights(model, dense)
+    fill_padded_experts(dense, routing, state, model, width)
+    return model.eval()
