@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 
 from tomoe.errors import ToMoEError
+from tomoe.report.collect import DEFAULT_TEXT as SAMPLE_TEXT  # one built-in sample for info and report
 
 STOCK_KINDS = ("mixtral", "qwen3_moe")  # stock transformers MoE layouts written by `tomoe export --format`
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")
 
-from tomoe.report.collect import DEFAULT_TEXT as SAMPLE_TEXT  # one built-in sample for info and report
 
 
 def load_exported(model_dir: str | Path):
