@@ -15,7 +15,7 @@ from tomoe.export.configuration_tomoe import TomoeConfig
 from tomoe.export.modeling_tomoe import TomoeForCausalLM
 from tomoe.patch import ForwardState, ToMoERouting
 
-MODELING_FILES = ("configuration_tomoe.py", "modeling_tomoe.py")
+MODELING_FILES = ("configuration_tomoe.py", "modeling_tomoe.py", "kernels.py")
 # Base-config entries that describe where the dense weights came from, not the exported model.
 DROPPED_BASE_KEYS = ("quantization_config", "_name_or_path", "architectures", "auto_map", "model_type", "transformers_version")
 
@@ -144,11 +144,19 @@ def build_tomoe(dense, routing: ToMoERouting, state: ForwardState) -> TomoeForCa
                         if tensor is not None:
                             tensor.zero_()
             _copy_linear(*weights["v"], attention.v_proj)  # a no-op unless the dense v was fused (Phi-3)
+            _check_qk_norms(family, family.attention_module(dense_layer), attention)
             source = routing.attention[index]
             attention.vo_router.token_proj.weight.copy_(source.token_proj.weight)
             attention.vo_router.token_proj.bias.copy_(state.mean_embeddings[index])
             attention.vo_router.mask_proj.load_state_dict(source.vo_proj.state_dict())
     return model.eval()
+
+
+def _check_qk_norms(family, dense_attention, attention) -> None:
+    """The exported attention must apply the family's per-head q/k norms (it finds them as ``q_norm``/``k_norm``)."""
+    dense_norms = [getattr(dense_attention, name, None) for name in family.qk_norms or ()]
+    if any(norm is not None for norm in dense_norms) and (attention.q_norm is None or attention.k_norm is None):
+        raise ToMoEError(f"the {family.name} family's q/k norms {family.qk_norms} are not the exported attention's q_norm/k_norm.")
 
 
 def _copy_linear(weight: torch.Tensor, bias: torch.Tensor | None, target: torch.nn.Linear) -> None:

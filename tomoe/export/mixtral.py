@@ -7,8 +7,6 @@ padded with zero channels up to the model-wide widest expert (rounded up to a mu
 
 from __future__ import annotations
 
-import torch
-
 from tomoe.errors import ToMoEError
 from tomoe.patch import ForwardState, ToMoERouting
 

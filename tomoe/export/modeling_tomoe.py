@@ -19,6 +19,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
+from .kernels import (
+    EXPERT_PATHS, GROUPED_KERNELS, canonical_slot_order, experts_forward, single_forward, transpose_down_storage_, vo_project,
+)
 from .configuration_tomoe import TomoeConfig
 
 
@@ -56,7 +59,18 @@ class TomoeExperts(nn.Module):
 
     ``gate_up_proj[e]`` holds the gate rows then the up rows of expert e's channels, ``down_proj[e]`` the matching
     down columns (the Mixtral layout of transformers), and ``channels[e]`` the dense channel index of each slot.
+    Slots are stored owned-first (see ``kernels.canonical_slot_order``; re-ordered in place on first use if not),
+    and ``down_proj`` is held in an (N, W, d) buffer seen as (N, d, W) (``kernels.transpose_down_storage_``): the
+    shapes, ``state_dict`` and saved files are the layout above.
+
+    ``path`` picks the forward (``EXPERT_PATHS``): ``auto`` (default) chooses per call between a single
+    expert, tokens grouped by expert, and the union of the batch's channels; ``grouped_kernel`` is the matmul
+    kernel of the grouped path: ``loop`` (CPU default) or transformers' ``grouped_mm`` (CUDA default) /
+    ``batched_mm`` experts implementations.
     """
+
+    # What transformers' experts implementations (integrations/moe.py) read from the module.
+    has_gate, has_bias, is_transposed, is_concatenated, has_post_expert_norm, _is_expert_parallel = True, False, False, True, False, False
 
     def __init__(self, num_experts: int, hidden_size: int, width: int, activation: str):
         super().__init__()
@@ -65,26 +79,31 @@ class TomoeExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, width))
         self.register_buffer("channels", torch.zeros(num_experts, width, dtype=torch.long))
         self.act_fn = ACT2FN[activation]
+        self.path, self.grouped_kernel, self.cost_model = "auto", None, None  # grouped_kernel None: per device
+
+    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.act_fn(gate) * up
 
     def expert_forward(self, hidden: torch.Tensor, expert: int) -> torch.Tensor:
-        gate, up = F.linear(hidden, self.gate_up_proj[expert]).chunk(2, dim=-1)
-        return F.linear(self.act_fn(gate) * up, self.down_proj[expert])
+        return single_forward(self, hidden, expert)
+
+    @torch.no_grad()
+    def load_dense_slices(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, channels) -> None:
+        """Fill every expert with the dense weights of its channels (``channels[e]``: ``width`` distinct indices),
+        stored owned-first. ``gate``/``up``: (intermediate, d); ``down``: (d, intermediate)."""
+        rows = [[int(c) for c in expert_channels] for expert_channels in channels]
+        orders, _ = canonical_slot_order(rows)
+        transpose_down_storage_(self)
+        for expert, (row, order) in enumerate(zip(rows, orders)):
+            index = torch.tensor([row[slot] for slot in order], dtype=torch.long, device=gate.device)
+            self.channels[expert] = index.to(self.channels.device)
+            self.gate_up_proj[expert] = torch.cat([gate[index], up[index]]).to(self.gate_up_proj.dtype)
+            self.down_proj[expert] = down[:, index].to(self.down_proj.dtype)
 
     def forward(self, hidden: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
-        """(n, d) tokens and their expert (n,) -> (n, d); tokens are grouped by expert, one matmul pair each."""
-        if hidden.shape[0] == 1:  # single-token decode: no grouping needed
-            return self.expert_forward(hidden, int(expert_index[0]))
-        order = expert_index.argsort()
-        counts = torch.bincount(expert_index, minlength=self.num_experts).tolist()
-        grouped = hidden[order]
-        outputs, start = [], 0
-        for expert, count in enumerate(counts):
-            if count:
-                outputs.append(self.expert_forward(grouped[start : start + count], expert))
-            start += count
-        result = torch.empty_like(hidden)
-        result[order] = torch.cat(outputs)
-        return result
+        """(n, d) tokens and their expert (n,) -> (n, d)."""
+        return experts_forward(self, hidden, expert_index)
 
 
 class TomoeSparseMLP(nn.Module):
@@ -103,6 +122,19 @@ class TomoeSparseMLP(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         flat = hidden.reshape(-1, hidden.shape[-1])  # (B*T, d)
         return self.experts(flat, self.route(flat)).view_as(hidden)
+
+
+def set_experts_path(model: nn.Module, path: str = "auto", grouped_kernel: str | None = None) -> None:
+    """Force one MoE path (``EXPERT_PATHS``) and optionally the grouped kernel in every MoE layer."""
+    if path not in EXPERT_PATHS:
+        raise ValueError(f"unknown experts path {path!r}; choose one of {', '.join(EXPERT_PATHS)}")
+    if grouped_kernel is not None and grouped_kernel not in GROUPED_KERNELS:
+        raise ValueError(f"unknown grouped kernel {grouped_kernel!r}; choose one of {', '.join(GROUPED_KERNELS)}")
+    for module in model.modules():
+        if isinstance(module, TomoeExperts):
+            module.path = path
+            if grouped_kernel is not None:
+                module.grouped_kernel = grouped_kernel
 
 
 class TomoeVORouter(nn.Module):
@@ -190,8 +222,14 @@ class TomoeAttention(nn.Module):
             scaling=self.scaling, sliding_window=self.sliding_window, softcap=self.softcap, **kwargs,
         )
         output = output.reshape(*input_shape, -1, self.head_dim)  # (B, T, H, hd)
-        output = output * self.vo_router(hidden_states).to(output.dtype).unsqueeze(-2)
-        return self.o_proj(output.flatten(-2)), weights
+        return self.vo_output(output, hidden_states), weights
+
+    def vo_output(self, output: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``o_proj`` of the attention output (B, T, H, hd), each token keeping its top-K value/output dims of every
+        head; with few tokens only the kept rows of the output projection are read (``kernels.vo_project``)."""
+        router = self.vo_router
+        logits = router.mask_proj(router.token_proj(hidden_states)) if router.top_k < self.head_dim else None
+        return vo_project(self.o_proj, output, logits, router.top_k)
 
 
 def _has_bias(dense: nn.Module, name: str, config) -> bool:

@@ -21,13 +21,6 @@ def supported_model_types() -> list[str]:
     return sorted(t for family in FAMILIES for t in family.model_types)
 
 
-def family_by_name(name: str) -> FamilyAdapter:
-    for family in FAMILIES:
-        if family.name == name:
-            return family
-    raise ToMoEError(f"unknown model family {name!r}; known families: {', '.join(f.name for f in FAMILIES)}.")
-
-
 def get_family(config) -> FamilyAdapter:
     """The adapter for a transformers config, chosen by ``model_type`` (never by model name)."""
     model_type = getattr(config, "model_type", None)
@@ -46,4 +39,4 @@ def get_family(config) -> FamilyAdapter:
     )
 
 
-__all__ = ["FamilyAdapter", "Geometry", "FAMILIES", "family_by_name", "get_family", "supported_model_types"]
+__all__ = ["FamilyAdapter", "Geometry", "FAMILIES", "get_family", "supported_model_types"]

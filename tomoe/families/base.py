@@ -70,7 +70,6 @@ class FamilyAdapter:
     attention_input: str = "q_proj"
     qk_mask_points: tuple[str, ...] = ("q_proj", "k_proj")
     qk_norms: tuple[str, str] | None = None
-    notes: str = ""  # one line for the docs table
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)

@@ -13,6 +13,4 @@ GEMMA = FamilyAdapter(
     name="gemma",
     model_types=("gemma", "gemma2", "gemma3_text"),
     qk_norms=("q_norm", "k_norm"),  # Gemma-3 only; Gemma and Gemma-2 have none
-    notes="head_dim 256, GELU-tanh, scaled embeddings, sliding/global layers; Gemma-2 attention and final logit "
-    "soft-capping; Gemma-3 q/k norm. Text-only Gemma-3 (Gemma3ForCausalLM).",
 )

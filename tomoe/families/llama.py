@@ -9,5 +9,4 @@ from tomoe.families.base import FamilyAdapter
 LLAMA = FamilyAdapter(
     name="llama",
     model_types=("llama", "mistral"),
-    notes="Mistral's sliding window is kept (mask and cache come from the family's decoder).",
 )

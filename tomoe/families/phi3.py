@@ -48,5 +48,4 @@ PHI3 = FusedProjectionAdapter(
     model_types=("phi3",),
     attention_input="qkv_proj",
     qk_mask_points=("qkv_proj",),
-    notes="fused qkv_proj / gate_up_proj (exported as separate sliced tensors); partial rotary supported.",
 )

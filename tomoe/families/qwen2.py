@@ -9,5 +9,4 @@ from tomoe.families.base import FamilyAdapter
 QWEN2 = FamilyAdapter(
     name="qwen2",
     model_types=("qwen2",),
-    notes="q/k/v biases (sliced with their rows); optional sliding-window layers.",
 )

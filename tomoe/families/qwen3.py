@@ -11,5 +11,4 @@ QWEN3 = FamilyAdapter(
     name="qwen3",
     model_types=("qwen3",),
     qk_norms=("q_norm", "k_norm"),
-    notes="q/k RMSNorm over head_dim: the Q/K mask applies before it, so sliced Q/K stay exact.",
 )
