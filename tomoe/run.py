@@ -59,9 +59,6 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute each decoder layer in the backward pass (noise is replayed)
     fsdp: bool = False  # shard the frozen decoder layers over the processes (FSDP2) instead of a full copy each
 
-    # Settings a resumed run takes from the command that resumes it rather than from the run directory.
-    EXECUTION = ("gradient_checkpointing", "fsdp")
-
     def validate(self) -> None:
         for name in ("steps", "seq_len", "batch_size", "log_every", "save_every", "eval_blocks", "kd_chunk_tokens", "grad_accum"):
             value = getattr(self, name)
@@ -72,6 +69,10 @@ class TrainConfig:
         if not self.lr > 0:
             raise ToMoEError(f"learning rate must be > 0, got {self.lr!r}.")
 
+
+# TrainConfig fields a resumed run takes from the command that resumes it rather than from the run directory:
+# they change how a step is executed, not what it computes.
+EXECUTION_SETTINGS = ("gradient_checkpointing", "fsdp")
 
 PRESETS: dict[str, dict] = {
     # The paper's budget: 10k steps of one 2048-token sequence (App. C).
@@ -135,6 +136,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        _fsync(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

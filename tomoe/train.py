@@ -1,10 +1,37 @@
 """The ToMoE training loop (Sec. 3.5): distil the frozen dense model into its own routed version.
 
 Read it top to bottom: check the inputs, load model and data, attach routing, loop, measure, done.
+
+The same code runs on a CPU, on one GPU, and as N processes started by ``torchrun`` or ``accelerate launch``
+(one per GPU, or ``Accelerator(cpu=True)`` processes talking over gloo). ``accelerate`` is only the thin layer that
+starts the process group and says which process and device this is. Everything else is explicit here:
+
+* Data: step ``s`` takes a *global* batch of ``batch_size x processes x grad_accum`` sequences, a pure function of
+  ``(seed, s)``; process ``r`` runs micro-batches ``r * grad_accum ... (r + 1) * grad_accum - 1`` of it.
+* Noise: before each micro-batch the RNG is seeded from ``(seed, step, micro-batch index)``, so the Gumbel noise a
+  micro-batch sees does not depend on which process runs it, on a resume, or on gradient checkpointing.
+  Two processes with ``grad_accum=1`` therefore compute exactly the micro-batches of one process with
+  ``grad_accum=2`` (tests/test_distributed.py).
+* Gradients: only the routing modules train. After the micro-batches, their gradients are averaged over the
+  processes with one ``all_reduce`` each, and every process applies the same AdamW update, so the routing stays
+  identical on every process (it also starts identical: same seed, then a broadcast from process 0).
+  Why not ``DistributedDataParallel``: DDP arms its gradient hooks in its own ``forward``, but the routing
+  module's forward is never called (the hooks on the frozen model call its submodules), and the frozen model has
+  nothing for DDP to reduce. Wrapping the whole step into a DDP-owned forward would work but buys only overlap
+  of a small reduction (the routing is ~1% of the model) at the price of ``no_sync`` bookkeeping for gradient
+  accumulation and a second code path for FSDP. The explicit reduction is the same for a replicated base (DDP
+  style) and for a sharded one.
+* FSDP (``--fsdp``, or ``accelerate launch --use_fsdp``): each process keeps 1/N of every frozen decoder layer
+  (FSDP2 ``fully_shard``) and gathers a layer just before it runs; the routing modules stay replicated.
+* Precision: the frozen weights are bf16 and the step runs under bf16 autocast when ``bf16`` (default on a GPU);
+  the trainable routing modules and their AdamW state stay fp32.
+* Only process 0 writes the run directory; checkpoints are atomic (tomoe/run.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
 import time
 from pathlib import Path
@@ -19,6 +46,7 @@ from tomoe.losses import active_ratio, kd_loss, layer_widths, load_balance_loss,
 from tomoe.measure import summarize_routing
 from tomoe.patch import ToMoERouting, attach
 from tomoe.run import (
+    EXECUTION_SETTINGS,
     RunInfo,
     TrainConfig,
     append_log,
@@ -30,6 +58,8 @@ from tomoe.run import (
     write_run,
 )
 
+LOSS_TERMS = ("loss", "kd", "r_p", "r_u", "r_l", "active_ratio")
+
 
 def training_step(model, routing: ToMoERouting, input_ids: torch.Tensor, attention_mask: torch.Tensor, kd_chunk_tokens: int = 1024) -> dict[str, torch.Tensor]:
     """One forward of teacher and student; returns the loss terms (``loss`` is their weighted sum)."""
@@ -37,8 +67,8 @@ def training_step(model, routing: ToMoERouting, input_ids: torch.Tensor, attenti
     decoder = model.get_decoder()
     token_mask = attention_mask.bool()
     with torch.no_grad(), routing.disabled():  # the teacher is the same weights with routing off
-        teacher = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    student = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        teacher = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    student = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     state = routing.state
     kd = kd_loss(student, teacher, lambda hidden: routing.family.logits(model, hidden), token_mask, kd_chunk_tokens)
     ratio = active_ratio(layer_widths(state, geometry, token_mask), geometry)
@@ -57,7 +87,10 @@ def min_active_ratio(geometry, config: ToMoEConfig) -> float:
 
 
 def prepare_run(run_dir: Path, tomoe_config: ToMoEConfig, train_config: TrainConfig, resume: bool):
-    """Validate everything cheap before any heavy work; returns (configs, existing run or None, model source)."""
+    """Validate everything cheap before any heavy work; returns (configs, existing run or None, model source).
+
+    Reads only, so every process of a multi-process run can call it before process 0 writes anything.
+    """
     from tomoe.data import validate_data_spec
     from tomoe.loading import load_config, resolve_model_source
 
@@ -70,7 +103,9 @@ def prepare_run(run_dir: Path, tomoe_config: ToMoEConfig, train_config: TrainCon
         if not resume:
             raise ToMoEError(f"--out {run_dir} already holds a tomoe run; pass --resume to continue it, or choose another --out.")
         existing = read_run(run_dir)
-        tomoe_config, train_config = existing.tomoe, existing.train
+        # The run's own settings, except how to execute a step (e.g. turn on gradient checkpointing after an OOM).
+        execution = {name: getattr(train_config, name) for name in EXECUTION_SETTINGS}
+        tomoe_config, train_config = existing.tomoe, dataclasses.replace(existing.train, **execution)
     tomoe_config.validate()
     train_config.validate()
     source = resolve_model_source(train_config.model)
@@ -90,82 +125,211 @@ def prepare_run(run_dir: Path, tomoe_config: ToMoEConfig, train_config: TrainCon
     return tomoe_config, train_config, existing, source, family
 
 
-def convert(run_dir: str | Path, tomoe_config: ToMoEConfig | None = None, train_config: TrainConfig | None = None, resume: bool = False, progress: bool = True) -> RunInfo:
-    """Train ToMoE routing for a dense model and write the run to ``run_dir``; returns the finished run's info."""
+def convert(
+    run_dir: str | Path,
+    tomoe_config: ToMoEConfig | None = None,
+    train_config: TrainConfig | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    cpu: bool = False,
+) -> RunInfo:
+    """Train ToMoE routing for a dense model and write the run to ``run_dir``; returns the finished run's info.
+
+    Called by every process of a multi-process run (``torchrun`` / ``accelerate launch``); ``cpu=True`` keeps a
+    run on the CPU even where a GPU is present.
+    """
+    from accelerate import Accelerator, DistributedType
+
     from tomoe.data import BlockSampler, load_documents, pack_blocks
     from tomoe.loading import load_model, load_tokenizer
 
+    accelerator = Accelerator(cpu=cpu)
+    device, world, rank, main = accelerator.device, accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     run_dir = Path(run_dir)
     tomoe_config, train_config, existing, source, family = prepare_run(run_dir, tomoe_config or ToMoEConfig(), train_config or TrainConfig(), resume)
     if existing is not None and existing.status == "finished":
         return existing
+    if existing is not None and existing.world_size != world:
+        raise ToMoEError(
+            f"the run in {run_dir} was trained by {existing.world_size} process(es) and is being resumed by {world}; "
+            f"resume it with {existing.world_size} so that every step sees the same global batch and noise."
+        )
     tc = train_config
+    if tc.bf16 is None:  # decided once, when the run starts, and kept by a resume
+        tc = dataclasses.replace(tc, bf16=device.type == "cuda")
+    fsdp = (tc.fsdp or accelerator.distributed_type == DistributedType.FSDP) and world > 1
+    global_batch = tc.batch_size * world * tc.grad_accum
+    accelerator.wait_for_everyone()  # every process has checked the run directory before process 0 writes to it
 
-    # Model, tokenizer and data. On a GPU the frozen weights are bf16 and the step runs under bf16 autocast;
-    # the trainable routing modules stay fp32.
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = load_model(source, dtype=dtype, device=device)
+    # Model, tokenizer and data. With several processes they take turns loading the model through the CPU, so the
+    # host never holds more than one copy; with --fsdp each keeps only its shard of the decoder layers.
+    mesh = fsdp_mesh(device, world) if fsdp else None
+    for turn in range(world):
+        if turn == rank:
+            model = load_model(source, dtype=torch.bfloat16 if tc.bf16 else torch.float32, device="cpu" if fsdp else device)
+            if fsdp:
+                shard_frozen_layers(model, family, mesh, device)
+        accelerator.wait_for_everyone()
     tokenizer = load_tokenizer(source)
-    blocks = pack_blocks(load_documents(tc.data), tokenizer, tc.seq_len, max_blocks=tc.steps * tc.batch_size + tc.eval_blocks, seed=tc.seed)
+    blocks = pack_blocks(load_documents(tc.data), tokenizer, tc.seq_len, max_blocks=tc.steps * global_batch + tc.eval_blocks, seed=tc.seed)
     held_out = min(tc.eval_blocks, max(len(blocks) - 1, 1))
     train_blocks, eval_blocks = (blocks[:-held_out], blocks[-held_out:]) if len(blocks) > 1 else (blocks, blocks)
-    sampler = BlockSampler(train_blocks, tc.batch_size, tc.seed)
+    sampler = BlockSampler(train_blocks, global_batch, tc.seed)
 
     torch.manual_seed(tc.seed)
     routing = attach(model, tomoe_config)
     routing.train()
+    if tc.gradient_checkpointing:
+        enable_gradient_checkpointing(model, family)
     optimizer = torch.optim.AdamW(routing.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
 
     start = 0
-    info = existing or RunInfo(tomoe=tomoe_config, train=tc, family=family.name)
-    checkpoint = load_checkpoint(run_dir) if existing is not None else None
+    info = existing or RunInfo(tomoe=tomoe_config, train=tc, family=family.name, world_size=world)
+    info.train = tc
+    checkpoint = load_checkpoint(run_dir) if existing is not None else None  # the run directory is shared by all processes
     if checkpoint is not None:
         routing.load_state_dict(checkpoint.routing)
         optimizer.load_state_dict(checkpoint.optimizer)
-        _set_rng(checkpoint.rng)
         start = checkpoint.step
-        truncate_log(run_dir, start)
-    else:
+    if world > 1:
+        for tensor in routing.state_dict().values():
+            torch.distributed.broadcast(tensor, src=0)
+    if main:
+        if checkpoint is not None:
+            truncate_log(run_dir, start)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_run(run_dir, info)
+    last_saved = start
 
-    bar = tqdm(total=tc.steps, initial=start, desc="tomoe convert", disable=not progress, dynamic_ncols=True)
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    bar = tqdm(total=tc.steps, initial=start, desc="tomoe convert", disable=not (progress and main), dynamic_ncols=True)
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=tc.bf16)
+    params = [p for p in routing.parameters() if p.requires_grad]
     began = time.time()
     for step in range(start, tc.steps):
-        input_ids = sampler.batch(step).to(device)
-        with autocast:
-            terms = training_step(model, routing, input_ids, torch.ones_like(input_ids), tc.kd_chunk_tokens)
-        if not math.isfinite(terms["loss"].item()):
-            raise ToMoEError(
-                f"the loss became {terms['loss'].item()} at step {step + 1}; training stopped. The last good checkpoint "
-                f"in {run_dir} is kept; try a lower learning rate before resuming with --resume."
-            )
-        optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        optimizer.step()
+        batch = sampler.batch(step)  # the global batch, the same on every process
+        sums = torch.zeros(len(LOSS_TERMS), device=device)
+        for micro in range(tc.grad_accum):
+            index = rank * tc.grad_accum + micro  # this micro-batch's place in the global batch
+            input_ids = batch[index * tc.batch_size : (index + 1) * tc.batch_size].to(device)
+            torch.manual_seed(noise_seed(tc.seed, step, index))
+            with autocast:
+                terms = training_step(model, routing, input_ids, torch.ones_like(input_ids), tc.kd_chunk_tokens)
+            (terms["loss"] / tc.grad_accum).backward()
+            sums += torch.stack([terms[name].detach().float() for name in LOSS_TERMS])
 
-        values = {name: round(value.item(), 6) for name, value in terms.items()}
+        # Average the losses and the routing gradients over all micro-batches of all processes.
+        means = sums / (tc.grad_accum * world)
+        for p in params:
+            if p.grad is None:  # unused this step; the same on every process
+                p.grad = torch.zeros_like(p)
+        if world > 1:
+            torch.distributed.all_reduce(means)
+            for p in params:
+                torch.distributed.all_reduce(p.grad)
+                p.grad.div_(world)
+        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
+        values = dict(zip(LOSS_TERMS, means.tolist()))
+        if not (math.isfinite(values["loss"]) and math.isfinite(grad_norm.item())):  # the same verdict on every process
+            raise ToMoEError(non_finite_message(values, grad_norm.item(), step + 1, last_saved, run_dir, tc))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        values = {name: round(value, 6) for name, value in values.items()}
         bar.update(1)
         bar.set_postfix(kd=f"{values['kd']:.4f}", R_P=f"{values['r_p']:.3f}", R_U=f"{values['r_u']:.3f}", R_L=f"{values['r_l']:.3f}", active=f"{values['active_ratio']:.3f}")
-        done = step + 1
-        if done % tc.log_every == 0 or done == tc.steps:
-            append_log(run_dir, {"step": done, **values, "lr": tc.lr, "tokens": done * input_ids.numel(), "elapsed_s": round(time.time() - began, 2)})
+        if main and (done % tc.log_every == 0 or done == tc.steps):
+            record = {"step": done, **values, "grad_norm": round(grad_norm.item(), 6), "lr": tc.lr,
+                      "tokens": done * global_batch * tc.seq_len, "elapsed_s": round(time.time() - began, 2)}
+            append_log(run_dir, record)
         if done % tc.save_every == 0 or done == tc.steps:
-            save_checkpoint(run_dir, done, routing.state_dict(), optimizer.state_dict(), _get_rng())
+            if main:
+                try:
+                    save_checkpoint(run_dir, done, routing.state_dict(), optimizer.state_dict())
+                except OSError as error:
+                    raise ToMoEError(
+                        f"could not write the checkpoint of step {done} to {run_dir / 'checkpoints'} ({error}). Nothing "
+                        f"partial was left behind: the last complete checkpoint (step {last_saved}) is kept, and "
+                        f"`tomoe convert --resume --out {run_dir}` continues from it once the problem is fixed."
+                    ) from None
+            last_saved = done
     bar.close()
+    model.eval()  # undo enable_gradient_checkpointing's training flags: the measurement below runs plain forwards
 
-    summary = summarize_routing(model, routing, eval_blocks)
+    summary = summarize_routing(model, routing, eval_blocks)  # on every process: with FSDP all of them take part
     info.status = "finished"
     info.result = {
-        "final_kd": _last_logged(run_dir, "kd"),
+        "final_kd": _last_logged(run_dir, "kd") if main else None,
         "target_active": tomoe_config.target_active,
         "train_seconds": round(time.time() - began, 1),
+        "global_batch": global_batch,
         **summary.to_dict(),
     }
-    write_run(run_dir, info)
+    if main:
+        write_run(run_dir, info)
+    accelerator.wait_for_everyone()
     return info
+
+
+def noise_seed(seed: int, step: int, micro_batch: int) -> int:
+    """The RNG seed of one micro-batch: its Gumbel noise depends on nothing else (not the process, not a resume)."""
+    digest = hashlib.sha256(f"tomoe-noise:{seed}:{step}:{micro_batch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def non_finite_message(values: dict, grad_norm: float, step: int, last_saved: int, run_dir: Path, tc: TrainConfig) -> str:
+    terms = ", ".join(f"{name} {values[name]:.4g}" for name in LOSS_TERMS[1:])
+    what = f"the loss became {values['loss']}" if not math.isfinite(values["loss"]) else f"the routing gradients became {grad_norm}"
+    kept = f"the last good checkpoint (step {last_saved}) in {run_dir} is kept" if last_saved else "no checkpoint had been written yet"
+    return (
+        f"{what} at step {step} ({terms}); training stopped before that update, and {kept}. Resuming would replay the "
+        f"same steps: start a new run with a lower --lr (this one used {tc.lr})"
+        + (" or without --bf16." if tc.bf16 else ".")
+    )
+
+
+def enable_gradient_checkpointing(model, family) -> None:
+    """Recompute each decoder layer in the backward pass instead of keeping its activations.
+
+    The routing hooks inside a layer draw Gumbel noise, and the recomputation runs them again. Non-reentrant
+    ``torch.utils.checkpoint`` with ``preserve_rng_state=True`` saves the CPU and device RNG states before the layer
+    and restores them for the recomputation, so the same noise is drawn again: the recomputed masks equal the
+    original ones and the gradients equal those without checkpointing (tests/test_distributed.py). Non-reentrant is
+    also needed because the layers' inputs (frozen embeddings) do not require grad.
+    """
+    kwargs = {"use_reentrant": False, "preserve_rng_state": True}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(kwargs)
+    else:  # transformers before the rename
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    for layer in family.decoder_layers(model):
+        layer.training = True  # HF checkpoints a layer only in training mode; its submodules (dropout) stay in eval
+
+
+def fsdp_mesh(device: torch.device, world: int):
+    """The 1-D device mesh FSDP shards over (a collective call: every process makes it at the same time)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (world,))
+
+
+def shard_frozen_layers(model, family, mesh, device: torch.device) -> None:
+    """FSDP2: every process keeps 1/N of each decoder layer and gathers a layer just before it runs.
+
+    Each layer is its own FSDP unit and reshards after its forward (set explicitly: FSDP would otherwise keep a root
+    unit gathered). The embeddings, final norm and LM head stay whole on every process: the KD loss calls the LM
+    head outside the decoder's forward, and tied embeddings share it. The routing modules are not sharded either:
+    they are called from hooks inside the layers, outside FSDP's gather points, and they are small
+    (docs/large_models.md).
+    """
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import fully_shard
+
+    for layer in family.decoder_layers(model):
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    model.to(device)
 
 
 def _last_logged(run_dir: Path, key: str):
@@ -173,17 +337,3 @@ def _last_logged(run_dir: Path, key: str):
 
     records = read_log(run_dir)
     return records[-1].get(key) if records else None
-
-
-def _get_rng() -> dict:
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return rng
-
-
-def _set_rng(rng: dict) -> None:
-    if "torch" in rng:
-        torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])

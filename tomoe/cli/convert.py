@@ -23,10 +23,21 @@ def register(subparsers) -> None:
     parser.add_argument("--preset", choices=("quick", "paper"), default="paper", help="'quick': ~15 min on a 2-core CPU; 'paper': 10k steps x 2048 tokens (default)")
     parser.add_argument("--steps", type=int, help="training steps (overrides the preset)")
     parser.add_argument("--seq-len", type=int, metavar="T", help="tokens per sequence (overrides the preset)")
-    parser.add_argument("--batch-size", type=int, metavar="B", help="sequences per step (overrides the preset)")
+    parser.add_argument("--batch-size", type=int, metavar="B", help="sequences per micro-batch and process (overrides the preset)")
     parser.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-3)")
     parser.add_argument("--data", metavar="SPEC", help="training data: 'embedded' (default), 'paper', or files / hf: datasets (see README)")
     parser.add_argument("--seed", type=int, default=0, help="seed; a CPU run with the same seed is reproducible (default 0)")
+    parser.add_argument("--grad-accum", type=int, metavar="K", help="micro-batches accumulated per step and process (default 1); "
+                        "a step sees batch-size x processes x K sequences")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="frozen weights in bf16 and bf16 autocast (default: on with a GPU, off on a CPU)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute each decoder layer in the backward "
+                        "pass: less activation memory, ~1/3 more compute; same result (may be switched on for --resume)")
+    parser.add_argument("--fsdp", action="store_true", help="with several processes (torchrun / accelerate launch): shard the "
+                        "frozen decoder layers over them instead of a full copy each (may be switched on for --resume)")
+    parser.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
+    parser.add_argument("--save-every", type=int, metavar="S", help="steps between checkpoints (default: the preset's, at most --steps)")
+    parser.add_argument("--log-every", type=int, metavar="S", help="steps between log lines (default: the preset's)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to write")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -37,8 +48,10 @@ def build_configs(args: argparse.Namespace):
     from tomoe.run import PRESETS, TrainConfig
 
     tomoe_config = ToMoEConfig(target_active=args.target_active, num_experts=args.experts, attention=args.attention)
-    values = dict(PRESETS[args.preset], model=args.model, data=args.data, seed=args.seed)
-    overrides = {"steps": args.steps, "seq_len": args.seq_len, "batch_size": args.batch_size, "lr": args.lr}
+    values = dict(PRESETS[args.preset], model=args.model, data=args.data, seed=args.seed, bf16=args.bf16,
+                  gradient_checkpointing=args.gradient_checkpointing, fsdp=args.fsdp)
+    overrides = {"steps": args.steps, "seq_len": args.seq_len, "batch_size": args.batch_size, "lr": args.lr, "grad_accum": args.grad_accum,
+                 "save_every": args.save_every, "log_every": args.log_every}
     values.update({k: v for k, v in overrides.items() if v is not None})
     train_config = TrainConfig(**values)
     if train_config.save_every > train_config.steps:
@@ -51,7 +64,11 @@ def run(args: argparse.Namespace) -> int:
 
     tomoe_config, train_config = build_configs(args)
     began = time.time()
-    info = convert(args.out, tomoe_config, train_config, resume=args.resume, progress=not args.quiet)
+    info = convert(args.out, tomoe_config, train_config, resume=args.resume, progress=not args.quiet, cpu=args.cpu)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return 0
     result = info.result
     print(
         f"done in {time.time() - began:.0f} s: {args.out}\n"

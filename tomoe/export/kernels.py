@@ -41,14 +41,19 @@ EXPERT_PATHS = ("auto", "single", "grouped", "union", "reference")
 GROUPED_KERNELS = ("loop", "grouped_mm", "batched_mm")
 
 # Roofline of the cost model, per device type: ``balance`` = tokens per weight row at which a matmul turns from
-# weight-bandwidth bound to compute bound (peak FLOP/s * bytes per weight / (2 * bandwidth)), ``launch`` = the fixed
-# cost of one expert's matmuls (dispatch, small-kernel inefficiency) expressed in bytes of weight traffic. Measured
-# on a 2-core AVX-512 CPU (fp32) and set from the H100 roofline (bf16); override with ``TomoeExperts.cost_model``.
+# weight-bandwidth bound to compute bound (peak FLOP/s * bytes per weight / (2 * bandwidth)); on CPU it is given per
+# thread (``per_thread``: compute grows with the threads, bandwidth much less). ``launch`` = the fixed cost of one
+# expert's matmuls (dispatch, small-kernel inefficiency) in bytes of weight traffic. Measured on a 2-core AVX-512 CPU
+# (fp32: the grouped/union crossover of a LLaMA-2-7B-shaped MLP at p = 0.5 lies near 100 tokens with 1 thread and
+# 200 with 2) and set from the H100 roofline (bf16); override with ``TomoeExperts.cost_model``.
 COST_MODELS = {
-    "cpu": {"balance": 24.0, "launch": 4.0e5},
+    "cpu": {"balance": 16.0, "per_thread": True, "launch": 4.0e5},
     "cuda": {"balance": 256.0, "launch": 3.0e7},
 }
 DEFAULT_COST_MODEL = {"balance": 64.0, "launch": 1.0e6}
+# The union path sums its N per-block down projections from one batched matmul while they fit in this many bytes,
+# and accumulates them block by block beyond (so its working memory stays below the dense MLP's).
+UNION_PARTIALS_BYTES = 4 * 2**20
 
 
 @dataclass
@@ -187,8 +192,10 @@ def prepare_layout(experts) -> ExpertLayout:
 
 
 def _cost_model(experts, device: torch.device) -> dict:
-    own = getattr(experts, "cost_model", None)
-    return own or COST_MODELS.get(device.type, DEFAULT_COST_MODEL)
+    model = getattr(experts, "cost_model", None) or COST_MODELS.get(device.type, DEFAULT_COST_MODEL)
+    if model.get("per_thread"):
+        model = dict(model, balance=model["balance"] * torch.get_num_threads(), per_thread=False)
+    return model
 
 
 def matmul_cost(tokens: int, channels: int, row_bytes: int, model: dict) -> float:
@@ -214,6 +221,9 @@ def single_forward(experts, hidden: torch.Tensor, expert: int) -> torch.Tensor:
 
 def grouped_forward(experts, hidden: torch.Tensor, expert_index: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Tokens sorted by expert, one gate/up and one down matmul per expert with tokens, unsorted into place."""
+    present = [expert for expert, count in enumerate(counts) if count]
+    if len(present) == 1:  # every token on one expert: nothing to sort
+        return single_forward(experts, hidden, present[0])
     order = expert_index.argsort(stable=True)
     grouped = hidden.index_select(0, order)
     if _needs_grad(experts, hidden):  # out-of-place, so autograd can differentiate it
@@ -241,7 +251,8 @@ def _needs_grad(experts, hidden: torch.Tensor) -> bool:
 
 def union_forward(experts, layout: ExpertLayout, hidden: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
     """All tokens through every expert's owned block (the union, each channel once), masked to each token's own
-    expert's channels: one batched gate/up matmul, one batched down matmul, a sum over blocks."""
+    expert's channels: one batched gate/up matmul, then one batched down matmul and a sum over the blocks (or, for
+    many tokens, the blocks' down matmuls accumulated in place)."""
     num, width, block = experts.num_experts, experts.width, layout.block_width
     tokens = hidden.shape[0]
     # (N, 2W, d) is (2N, W, d): the owned gate rows and owned up rows of every expert are 2N strided blocks, no copy.
@@ -249,7 +260,12 @@ def union_forward(experts, layout: ExpertLayout, hidden: torch.Tensor, expert_in
     inner = torch.matmul(hidden, gate_up.transpose(1, 2)).view(num, 2, tokens, block)
     inner = experts.act_fn(inner[:, 0]).mul_(inner[:, 1]).mul_(layout.member.index_select(1, expert_index))
     down = experts.down_proj[:, :, :block].transpose(1, 2)  # (N, block, d): contiguous rows of the (N, W, d) storage
-    return torch.bmm(inner, down).sum(dim=0)
+    if num * tokens * hidden.shape[-1] * hidden.element_size() <= UNION_PARTIALS_BYTES:
+        return torch.bmm(inner, down).sum(dim=0)  # N partial outputs, then their sum: two kernels
+    result = torch.matmul(inner[0], down[0])
+    for block_index in range(1, num):  # many tokens: accumulate in place rather than hold N partial outputs
+        result.addmm_(inner[block_index], down[block_index])
+    return result
 
 
 def hf_grouped_forward(experts, hidden: torch.Tensor, expert_index: torch.Tensor, kernel: str) -> torch.Tensor:
@@ -303,6 +319,21 @@ def experts_forward(experts, hidden: torch.Tensor, expert_index: torch.Tensor, p
     return hf_grouped_forward(experts, hidden, expert_index, kernel)
 
 
+def pad_query_key(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query/key (..., qk_dim) zero-padded to the value head dim when the query has several tokens (prefill).
+
+    ``scaled_dot_product_attention``'s fused kernels (flash on CPU and CUDA) need one head dim for query, key and
+    value; with ToMoE's sliced query/key it falls back to the unfused math kernel, 2.7x slower for a 8 x 512 prefill
+    of SmolLM2-135M's attention on CPU. Zeros add nothing to q.k (the softmax scale is passed explicitly), so the
+    output is unchanged. Decode (one query token) keeps the sliced dims: padding would copy the whole key cache
+    every step, which costs more there than the math kernel.
+    """
+    pad = value.shape[-1] - query.shape[-1]
+    if pad <= 0 or query.shape[-2] <= 1:
+        return query, key
+    return F.pad(query, (0, pad)), F.pad(key, (0, pad))
+
+
 def _transposed_weight(linear: torch.nn.Linear) -> torch.Tensor:
     """``linear.weight`` (out, in) as an (in, out) contiguous tensor: the weight is re-laid out once, in place.
 
@@ -332,12 +363,14 @@ def vo_project(o_proj: torch.nn.Module, output: torch.Tensor, logits: torch.Tens
         mask = torch.zeros_like(logits, dtype=output.dtype).scatter_(-1, index, 1.0)
         return o_proj((output * mask.unsqueeze(-2)).flatten(-2))
     weight = _transposed_weight(o_proj)  # (H*hd, d), row r = input dim r
-    flat = output.reshape(tokens, heads, head_dim)
+    starts = getattr(o_proj, "_tomoe_head_starts", None)
+    if starts is None or starts.shape[1] != heads or starts.device != index.device:
+        starts = torch.arange(0, heads * head_dim, head_dim, device=index.device).view(1, heads, 1)
+        o_proj._tomoe_head_starts = starts
     index = index.reshape(tokens, 1, top_k).expand(tokens, heads, top_k)
-    rows = index + torch.arange(0, heads * head_dim, head_dim, device=index.device).view(1, heads, 1)
-    values = flat.gather(-1, index).to(weight.dtype)
-    offsets = torch.arange(0, tokens * heads * top_k, heads * top_k, device=index.device)
-    result = F.embedding_bag(rows.reshape(-1), weight, offsets, mode="sum", per_sample_weights=values.reshape(-1))
+    values = output.reshape(tokens, heads, head_dim).gather(-1, index).to(weight.dtype)
+    # One bag per token: the sum of its kept rows of o_proj^T, weighted by its kept attention outputs.
+    result = F.embedding_bag((index + starts).view(tokens, -1), weight, mode="sum", per_sample_weights=values.view(tokens, -1))
     if o_proj.bias is not None:
         result = result + o_proj.bias
     return result.to(output.dtype).view(*batch_shape, -1)

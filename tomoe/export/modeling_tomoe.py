@@ -9,6 +9,7 @@ embedding are the dense family's own transformers classes; only the MLP and atte
 from __future__ import annotations
 
 import importlib
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -199,7 +200,8 @@ class TomoeAttention(nn.Module):
         rot, rest = states[..., :rotary], states[..., rotary:]
         return torch.cat([rot * cos + _rotate_half(rot) * sin, rest], dim=-1)
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, cache=None, **kwargs):
+        cache = cache if cache is not None else past_key_values  # transformers renamed past_key_values to cache (5.2x)
         input_shape = hidden_states.shape[:-1]
         query = self.q_proj(hidden_states).view(*input_shape, -1, self.qk_dim)  # (B, T, H, qk)
         key = self.k_proj(hidden_states).view(*input_shape, -1, self.qk_dim)
@@ -211,8 +213,8 @@ class TomoeAttention(nn.Module):
         rotary_index = self.rope_index[: self.qk_rotary_dim]
         cos, sin = cos[..., rotary_index].unsqueeze(1), sin[..., rotary_index].unsqueeze(1)
         query, key = self._rotate(query, cos, sin), self._rotate(key, cos, sin)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, _eager_attention)
         if self.softcap is not None and self.config._attn_implementation == "sdpa":
             attention = _eager_attention  # sdpa has no logit soft-capping
@@ -238,6 +240,12 @@ def _has_bias(dense: nn.Module, name: str, config) -> bool:
     return module.bias is not None if module is not None else bool(getattr(config, "attention_bias", False))
 
 
+def _cache_argument(decoder: nn.Module) -> str:
+    """The keyword under which ``decoder.forward`` takes the KV cache: ``cache`` or, before transformers 5.2x,
+    ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
 def dense_decoder_class(base_model_type: str):
     """The transformers class of the dense family's decoder stack, e.g. ``LlamaModel``."""
     transformers = importlib.import_module("transformers")
@@ -250,7 +258,7 @@ class TomoePreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_attention_backend = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
 
     def _sdpa_can_dispatch(self, is_init_check: bool = False) -> bool:
         if getattr(self.config, "attn_logit_softcapping", None) is not None:
@@ -280,9 +288,13 @@ class TomoeForCausalLM(TomoePreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
                 labels=None, use_cache=None, logits_to_keep=0, **kwargs) -> CausalLMOutputWithPast:
+        cache = kwargs.pop("cache", None)
+        cache = cache if cache is not None else past_key_values
+        if cache is not None:  # under the name this transformers' decoder takes (past_key_values before 5.2x)
+            kwargs[_cache_argument(self.model)] = cache
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
         )
         hidden = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
