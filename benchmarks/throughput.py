@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import platform
 import statistics
@@ -393,23 +392,6 @@ def bench_folders(folders: list[str], args, device, dtype) -> list[dict]:
     return rows
 
 
-def enable_qk_padding() -> None:
-    """``--pad-qk``: zero-pad sliced query/key to the value head dim before SDPA in prefill (``kernels.pad_query_key``),
-    so the fused kernel runs instead of the math fallback. Patched into transformers' ``sdpa`` entry for this
-    process; a no-op for the dense models (equal head dims) and once modeling_tomoe.py pads itself."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    from tomoe.export.kernels import pad_query_key
-
-    original = ALL_ATTENTION_FUNCTIONS["sdpa"]
-
-    def padded(module, query, key, value, *args, **kwargs):
-        query, key = pad_query_key(query, key, value)
-        return original(module, query, key, value, *args, **kwargs)
-
-    ALL_ATTENTION_FUNCTIONS["sdpa"] = padded
-
-
 # ------------------------------------------------------------------------------------------------ kernel table
 def bench_kernels(args, device, dtype) -> list[dict]:
     """One LLaMA-2-7B-shaped MLP at p = 0.5 (8 experts of width 5504): dense vs each MoE path; and the O projection."""
@@ -578,7 +560,6 @@ def main() -> None:
                         help="token counts of the MLP kernel table (default 1 16 128 1024; none: skip the kernel table)")
     parser.add_argument("--moe", nargs="*", default=[], help="exported ToMoE folders of trained runs to add (against their dense base)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
-    parser.add_argument("--pad-qk", action="store_true", help="pad sliced query/key to the value head dim for SDPA in prefill (see enable_qk_padding)")
     parser.add_argument("--quick", action="store_true", help="1-layer 7B stack, p = 0.5, 2 repeats, 16 new tokens, prefill 2 x 128")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -595,8 +576,6 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    if args.pad_qk:
-        enable_qk_padding()
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [torch.device(d) for d in devices if d == "cpu" or torch.cuda.is_available()]
     started = time.time()

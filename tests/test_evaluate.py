@@ -60,6 +60,17 @@ def test_perplexity_equals_hand_computed_mean_nll(tiny_llama):
     assert result.ppl == pytest.approx(math.exp(total / count), rel=1e-5)
 
 
+def test_max_windows_scores_a_fixed_prefix_of_the_windows(tiny_llama):
+    rows = [f" Line {i} of a small test text , with numbers {i * 37} .\n" for i in range(14)]
+    whole = evaluate_perplexity(tiny_llama, ByteTokenizer(), rows, seq_len=32, progress=False)
+    prefix = evaluate_perplexity(tiny_llama, ByteTokenizer(), rows, seq_len=32, progress=False, max_windows=2)
+    first_two = evaluate_perplexity(tiny_llama, ByteTokenizer(), ["\n\n".join(rows)[: 2 * 32]], seq_len=32, progress=False)
+    assert whole.windows > 2 and prefix.windows == 2 and prefix.predicted_tokens == 2 * 31 and prefix.tokens == whole.tokens
+    assert prefix.nll == pytest.approx(first_two.nll, rel=1e-6) and prefix.nll != pytest.approx(whole.nll)
+    with pytest.raises(ToMoEError, match="--max-windows must be a positive integer"):
+        evaluate_perplexity(tiny_llama, ByteTokenizer(), rows, seq_len=32, progress=False, max_windows=0)
+
+
 def test_default_seq_len_is_capped_by_the_model_context(tiny_llama):
     rows = ["word " * 400]
     assert evaluate_perplexity(tiny_llama, ByteTokenizer(), rows, progress=False).seq_len == 256  # its context

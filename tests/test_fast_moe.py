@@ -256,7 +256,10 @@ def test_save_after_forward_round_trips(tomoe_model, tmp_path):
         logits = tomoe_model(ids).logits
     tomoe_model.save_pretrained(tmp_path / "m")
     again = TomoeForCausalLM.from_pretrained(tmp_path / "m").eval()
-    with torch.no_grad():
+    assert again.state_dict().keys() == tomoe_model.state_dict().keys()
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in tomoe_model.state_dict().items())
+    with torch.no_grad():  # the same calls as above, so both models have taken the same kernel paths
+        again.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0)
         torch.testing.assert_close(again(ids).logits, logits, atol=0, rtol=0)
 
 

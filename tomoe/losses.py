@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tomoe.families import Geometry
-from tomoe.patch import ForwardState
+from tomoe.patch import ForwardState, ToMoERouting
 
 
 def kd_loss(
@@ -105,3 +105,19 @@ def load_balance_loss(state: ForwardState, token_mask: torch.Tensor) -> torch.Te
         probability = _token_mean(probs, token_mask)  # P_i: mean router probability of expert i
         losses.append(one_hot.shape[-1] * (fraction * probability).sum())
     return torch.stack(losses).mean()
+
+
+def tomoe_objective(routing: ToMoERouting, token_mask: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The regularisers of Eq. 10 for the last student forward of a ToMoE routing, weighted, and its active ratio.
+
+    Returns ``({"r_p": alpha R_P, "r_u": beta R_U, "r_l": gamma R_L}, active ratio)``; the training loss is KD
+    plus their sum.
+    """
+    cfg, geometry, state = routing.config, routing.geometry, routing.state
+    ratio = active_ratio(layer_widths(state, geometry, token_mask), geometry)
+    regularizers = {
+        "r_p": cfg.alpha * log_ratio_loss(ratio, cfg.target_active),
+        "r_u": cfg.beta * union_loss(state, token_mask),
+        "r_l": cfg.gamma * load_balance_loss(state, token_mask),
+    }
+    return regularizers, ratio

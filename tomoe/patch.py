@@ -43,15 +43,65 @@ class ForwardState:
     channel_masks: list[torch.Tensor | None] = field(default_factory=list)  # per layer (B, T, intermediate)
 
 
-class ToMoERouting(nn.Module):
+class HookedRouting(nn.Module):
+    """Trainable modules kept outside a frozen model and applied to it by forward hooks (ToMoE's, split-moe's).
+
+    A subclass registers its hooks in ``self._handles``; a hook does nothing while ``self.state`` is None, which is
+    what ``disabled()`` arranges for the forward passes it wraps.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.family: FamilyAdapter = get_family(model.config)
+        self.geometry: Geometry = self.family.geometry(model.config)
+        self.active = True
+        self.state = None
+        self._model = [model]  # a list, so the frozen model is not registered as a submodule
+        self._handles: list = []
+
+    def detach(self) -> None:
+        """Remove every hook: the model is the plain dense model again."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.state = None
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """Run the dense model (routing switched off), e.g. for the distillation teacher."""
+        previous, self.active = self.active, False
+        try:
+            yield
+        finally:
+            self.active = previous
+
+    def _hook_decoder(self, model: nn.Module, begin_forward) -> list[nn.Module]:
+        """Call ``begin_forward`` before every decoder forward; returns the decoder layers."""
+        layers = self.family.decoder_layers(model)
+        if len(layers) != self.geometry.num_layers:
+            raise ValueError(f"model has {len(layers)} decoder layers but its config says {self.geometry.num_layers}")
+        decoder = model.get_submodule(self.family.layers.rsplit(".", 1)[0])
+        self._handles.append(decoder.register_forward_pre_hook(begin_forward, with_kwargs=True))
+        return layers
+
+    def _mlp_mask_hook(self, index: int):
+        """Multiplies the input of down_proj, the intermediate activation, by ``state.channel_masks[index]``."""
+
+        def hook(module, args):
+            if self.state is None:
+                return None
+            return (args[0] * self.state.channel_masks[index].to(args[0].dtype),) + args[1:]
+
+        return hook
+
+
+class ToMoERouting(HookedRouting):
     """The trainable ToMoE modules for one model and the hooks applying them."""
 
     def __init__(self, model: nn.Module, config: ToMoEConfig):
-        super().__init__()
         config.validate()
+        super().__init__(model)
         self.config = config
-        self.family: FamilyAdapter = get_family(model.config)
-        self.geometry: Geometry = self.family.geometry(model.config)
         geo = self.geometry
         self.dynamic_attention = config.attention == "dynamic"
         structures_per_layer = 2 if self.dynamic_attention else 1
@@ -76,23 +126,15 @@ class ToMoERouting(nn.Module):
             if self.dynamic_attention
             else None
         )
-        self.active = True
         self.vo_topk: list[int] | None = None  # per layer K of the inference-time V/O top-K, set after training
         self.state: ForwardState | None = None
-        self._model = [model]  # a list, so the frozen model is not registered as a submodule
-        self._handles: list = []
         self._attach_hooks(model)
         self.to(next(model.parameters()).device)
 
     # ----------------------------------------------------------------------------------------------- hooks
     def _attach_hooks(self, model: nn.Module) -> None:
         family = self.family
-        layers = family.decoder_layers(model)
-        if len(layers) != self.geometry.num_layers:
-            raise ValueError(f"model has {len(layers)} decoder layers but its config says {self.geometry.num_layers}")
-        decoder = model.get_submodule(family.layers.rsplit(".", 1)[0])
-        self._handles.append(decoder.register_forward_pre_hook(self._begin_forward, with_kwargs=True))
-        for index, layer in enumerate(layers):
+        for index, layer in enumerate(self._hook_decoder(model, self._begin_forward)):
             mlp = family.mlp_module(layer)
             self._handles.append(mlp.register_forward_pre_hook(self._mlp_router_hook(index)))
             self._handles.append(mlp.get_submodule(family.down_proj).register_forward_pre_hook(self._mlp_mask_hook(index)))
@@ -102,22 +144,6 @@ class ToMoERouting(nn.Module):
                 for point in family.qk_mask_points:
                     self._handles.append(attention.get_submodule(point).register_forward_hook(self._qk_mask_hook(index, point)))
                 self._handles.append(attention.get_submodule(family.o_proj).register_forward_pre_hook(self._vo_mask_hook(index)))
-
-    def detach(self) -> None:
-        """Remove every hook: the model is the plain dense model again."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self.state = None
-
-    @contextlib.contextmanager
-    def disabled(self):
-        """Run the dense model (routing switched off), e.g. for the distillation teacher."""
-        previous, self.active = self.active, False
-        try:
-            yield
-        finally:
-            self.active = previous
 
     @property
     def stochastic(self) -> bool:
@@ -166,14 +192,6 @@ class ToMoERouting(nn.Module):
             self.state.routes[index] = (one_hot, probs)
             self.state.channel_masks[index] = one_hot @ self.state.expert_masks[index]  # (B, T, intermediate)
             return None
-
-        return hook
-
-    def _mlp_mask_hook(self, index: int):
-        def hook(module, args):
-            if self.state is None:
-                return None
-            return (args[0] * self.state.channel_masks[index].to(args[0].dtype),) + args[1:]
 
         return hook
 

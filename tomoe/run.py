@@ -2,7 +2,7 @@
 
 Layout of ``RUN_DIR``::
 
-    tomoe_run.json                  model spec, ToMoEConfig, TrainConfig, status and final results
+    tomoe_run.json                  model spec, method (ToMoE or a baseline), ToMoEConfig, TrainConfig, status, results
     log.jsonl                       one JSON object per logging step (KD, R_P, R_U, R_L, active ratio, ...)
     checkpoints/latest              name of the newest complete checkpoint
     checkpoints/step-000150/        routing.safetensors + optimizer.pt + trainer_state.json
@@ -60,10 +60,13 @@ class TrainConfig:
     fsdp: bool = False  # shard the frozen decoder layers over the processes (FSDP2) instead of a full copy each
 
     def validate(self) -> None:
-        for name in ("steps", "seq_len", "batch_size", "log_every", "save_every", "eval_blocks", "kd_chunk_tokens", "grad_accum"):
+        for name in ("seq_len", "batch_size", "log_every", "save_every", "eval_blocks", "kd_chunk_tokens", "grad_accum"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ToMoEError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}.")
+        # 0 steps is a training-free run (static-magnitude); tomoe.train refuses it for methods that need training.
+        if not isinstance(self.steps, int) or self.steps < 0:
+            raise ToMoEError(f"steps must be a non-negative integer, got {self.steps!r}.")
         if self.seq_len < 2:
             raise ToMoEError(f"seq-len must be at least 2 tokens, got {self.seq_len}.")
         if not self.lr > 0:
@@ -91,6 +94,8 @@ class RunInfo:
     status: str = "running"  # "running" until training ends, then "finished"
     result: dict = field(default_factory=dict)
     world_size: int = 1  # processes that trained it; a resumed run must use as many (same global batch and noise)
+    method: str = "tomoe"  # "tomoe" or a baseline of tomoe.baselines (tomoe.methods says which routing it attaches)
+    method_config: dict = field(default_factory=dict)  # a baseline's own settings (e.g. split-moe's top-k)
 
     def to_json(self) -> dict:
         return {
@@ -98,6 +103,8 @@ class RunInfo:
             "status": self.status,
             "family": self.family,
             "world_size": self.world_size,
+            "method": self.method,
+            "method_config": self.method_config,
             "tomoe": self.tomoe.to_dict(),
             "train": asdict(self.train),
             "result": self.result,
@@ -121,6 +128,8 @@ def read_run(run_dir: str | os.PathLike) -> RunInfo:
             status=values["status"],
             result=values.get("result", {}),
             world_size=values.get("world_size", 1),
+            method=values.get("method", "tomoe"),  # runs written before baselines existed are ToMoE runs
+            method_config=values.get("method_config", {}),
         )
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise ToMoEError(f"{path} is corrupt or from an incompatible tomoe version ({error}).") from None
@@ -263,14 +272,18 @@ def load_checkpoint(run_dir: str | os.PathLike, with_optimizer: bool = True) -> 
 
 
 def load_routing(run_dir: str | os.PathLike, model, info: RunInfo | None = None):
-    """Attach the run's trained routing to ``model`` (its dense base) in deterministic mode."""
-    from tomoe.patch import attach
+    """Attach the run's trained routing to ``model`` (its dense base) in deterministic mode.
+
+    The run's ``method`` says which routing that is: ToMoE's (also the static baselines', with one expert) or a
+    baseline's own module (split-moe).
+    """
+    from tomoe.methods import get_method
 
     info = info or read_run(run_dir)
     checkpoint = load_checkpoint(run_dir, with_optimizer=False)
     if checkpoint is None:
         raise ToMoEError(f"the run {run_dir} has no checkpoint yet; train it first (`tomoe convert --resume --out {run_dir}`).")
-    routing = attach(model, info.tomoe)
+    routing = get_method(info.method).attach(model, info.tomoe, info.method_config)
     try:
         routing.load_state_dict(checkpoint.routing)
     except RuntimeError as error:

@@ -42,9 +42,10 @@ from tqdm.auto import tqdm
 from tomoe.config import ToMoEConfig
 from tomoe.errors import ToMoEError
 from tomoe.families import get_family
-from tomoe.losses import active_ratio, kd_loss, layer_widths, load_balance_loss, log_ratio_loss, union_loss
+from tomoe.losses import kd_loss, tomoe_objective
 from tomoe.measure import summarize_routing
-from tomoe.patch import ToMoERouting, attach
+from tomoe.methods import Method, get_method
+from tomoe.patch import HookedRouting
 from tomoe.run import (
     EXECUTION_SETTINGS,
     RunInfo,
@@ -58,24 +59,26 @@ from tomoe.run import (
     write_run,
 )
 
-LOSS_TERMS = ("loss", "kd", "r_p", "r_u", "r_l", "active_ratio")
+POSTFIX = {"r_p": "R_P", "r_u": "R_U", "r_l": "R_L", "active_ratio": "active"}  # progress-bar labels
 
 
-def training_step(model, routing: ToMoERouting, input_ids: torch.Tensor, attention_mask: torch.Tensor, kd_chunk_tokens: int = 1024) -> dict[str, torch.Tensor]:
-    """One forward of teacher and student; returns the loss terms (``loss`` is their weighted sum)."""
-    cfg, geometry = routing.config, routing.geometry
+def training_step(model, routing: HookedRouting, input_ids: torch.Tensor, attention_mask: torch.Tensor, kd_chunk_tokens: int = 1024,
+                  objective=tomoe_objective) -> dict[str, torch.Tensor]:
+    """One forward of teacher and student; returns ``loss`` (KD plus the objective's weighted regularisers), ``kd``,
+    each regulariser and ``active_ratio``. ``objective`` is the method's (tomoe.methods); by default ToMoE's."""
     decoder = model.get_decoder()
     token_mask = attention_mask.bool()
     with torch.no_grad(), routing.disabled():  # the teacher is the same weights with routing off
         teacher = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     student = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    state = routing.state
     kd = kd_loss(student, teacher, lambda hidden: routing.family.logits(model, hidden), token_mask, kd_chunk_tokens)
-    ratio = active_ratio(layer_widths(state, geometry, token_mask), geometry)
-    r_p = cfg.alpha * log_ratio_loss(ratio, cfg.target_active)
-    r_u = cfg.beta * union_loss(state, token_mask)
-    r_l = cfg.gamma * load_balance_loss(state, token_mask)
-    return {"loss": kd + r_p + r_u + r_l, "kd": kd, "r_p": r_p, "r_u": r_u, "r_l": r_l, "active_ratio": ratio}
+    regularizers, ratio = objective(routing, token_mask)
+    return {"loss": sum(regularizers.values(), kd), "kd": kd, **regularizers, "active_ratio": ratio}
+
+
+def loss_terms(method: Method) -> tuple[str, ...]:
+    """The names ``training_step`` returns for ``method``, in log order."""
+    return ("loss", "kd", *method.regularizers, "active_ratio")
 
 
 def min_active_ratio(geometry, config: ToMoEConfig) -> float:
@@ -86,14 +89,17 @@ def min_active_ratio(geometry, config: ToMoEConfig) -> float:
     return dense_attention / geometry.dense_params_per_layer
 
 
-def prepare_run(run_dir: Path, tomoe_config: ToMoEConfig, train_config: TrainConfig, resume: bool):
-    """Validate everything cheap before any heavy work; returns (configs, existing run or None, model source).
+def prepare_run(run_dir: Path, tomoe_config: ToMoEConfig, train_config: TrainConfig, resume: bool, method_name: str = "tomoe",
+                method_config: dict | None = None):
+    """Validate everything cheap before any heavy work; returns (tomoe config, train config, method, method config,
+    existing run or None, model source, family): an existing run's own settings when resuming it.
 
     Reads only, so every process of a multi-process run can call it before process 0 writes anything.
     """
     from tomoe.data import validate_data_spec
     from tomoe.loading import load_config, resolve_model_source
 
+    method, method_config = get_method(method_name), method_config or {}
     existing = None
     if run_dir.exists() and not run_dir.is_dir():
         raise ToMoEError(f"--out {run_dir} exists and is not a directory.")
@@ -106,6 +112,7 @@ def prepare_run(run_dir: Path, tomoe_config: ToMoEConfig, train_config: TrainCon
         # The run's own settings, except how to execute a step (e.g. turn on gradient checkpointing after an OOM).
         execution = {name: getattr(train_config, name) for name in EXECUTION_SETTINGS}
         tomoe_config, train_config = existing.tomoe, dataclasses.replace(existing.train, **execution)
+        method, method_config = get_method(existing.method), existing.method_config
     tomoe_config.validate()
     train_config.validate()
     source = resolve_model_source(train_config.model)
@@ -116,13 +123,22 @@ def prepare_run(run_dir: Path, tomoe_config: ToMoEConfig, train_config: TrainCon
     context = getattr(model_config, "max_position_embeddings", None)
     if context is not None and train_config.seq_len > context:
         raise ToMoEError(f"--seq-len {train_config.seq_len} is longer than the model's context of {context} tokens; use at most {context}.")
+    if method.initialize is None and train_config.steps == 0:
+        raise ToMoEError(f"steps must be a positive integer for {method.name}, got 0 (only a method with a training-free "
+                         "initialisation, such as the static-magnitude baseline, can run 0 steps).")
+    if method.initialize is not None:
+        blocks = method_config.get("calibration_blocks")
+        if not isinstance(blocks, int) or blocks < 1:
+            raise ToMoEError(f"calibration-blocks must be a positive integer, got {blocks!r}.")
+    if method.validate is not None:
+        method.validate(geometry, tomoe_config, method_config)
     floor = min_active_ratio(geometry, tomoe_config)
     if tomoe_config.target_active <= floor:
         raise ToMoEError(
             f"--target-active {tomoe_config.target_active} cannot be reached with --attention none: dense attention alone is "
             f"{floor:.3f} of the prunable weights. Use a target above {floor:.3f} or --attention dynamic."
         )
-    return tomoe_config, train_config, existing, source, family
+    return tomoe_config, train_config, method, method_config, existing, source, family
 
 
 def convert(
@@ -132,9 +148,14 @@ def convert(
     resume: bool = False,
     progress: bool = True,
     cpu: bool = False,
+    method: str = "tomoe",
+    method_config: dict | None = None,
 ) -> RunInfo:
     """Train ToMoE routing for a dense model and write the run to ``run_dir``; returns the finished run's info.
 
+    ``method`` / ``method_config`` select a baseline instead (tomoe.methods, tomoe.baselines): its routing, its
+    initialisation from calibration blocks of the training data, and its regularisers replace ToMoE's; the data,
+    loop, checkpoints and run directory are the same. A method with an initialisation may run 0 steps.
     Called by every process of a multi-process run (``torchrun`` / ``accelerate launch``); ``cpu=True`` keeps a
     run on the CPU even where a GPU is present.
     """
@@ -146,7 +167,8 @@ def convert(
     accelerator = Accelerator(cpu=cpu)
     device, world, rank, main = accelerator.device, accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     run_dir = Path(run_dir)
-    tomoe_config, train_config, existing, source, family = prepare_run(run_dir, tomoe_config or ToMoEConfig(), train_config or TrainConfig(), resume)
+    tomoe_config, train_config, method, method_config, existing, source, family = prepare_run(
+        run_dir, tomoe_config or ToMoEConfig(), train_config or TrainConfig(), resume, method, method_config)
     if existing is not None and existing.status == "finished":
         return existing
     if existing is not None and existing.world_size != world:
@@ -171,22 +193,29 @@ def convert(
                 shard_frozen_layers(model, family, mesh, device)
         accelerator.wait_for_everyone()
     tokenizer = load_tokenizer(source)
-    blocks = pack_blocks(load_documents(tc.data), tokenizer, tc.seq_len, max_blocks=tc.steps * global_batch + tc.eval_blocks, seed=tc.seed)
+    documents = load_documents(tc.data)
+    blocks = pack_blocks(documents, tokenizer, tc.seq_len, max_blocks=tc.steps * global_batch + tc.eval_blocks, seed=tc.seed)
     held_out = min(tc.eval_blocks, max(len(blocks) - 1, 1))
     train_blocks, eval_blocks = (blocks[:-held_out], blocks[-held_out:]) if len(blocks) > 1 else (blocks, blocks)
     sampler = BlockSampler(train_blocks, global_batch, tc.seed)
 
     torch.manual_seed(tc.seed)
-    routing = attach(model, tomoe_config)
+    routing = method.attach(model, tomoe_config, method_config)
+    checkpoint = load_checkpoint(run_dir) if existing is not None else None  # the run directory is shared by all processes
+    if checkpoint is None and method.initialize is not None:
+        # From the dense model's activations on calibration blocks of the same data, packed on their own so that they
+        # do not depend on the step budget; a resumed run has the initialisation in its checkpoint.
+        calibration = pack_blocks(documents, tokenizer, tc.seq_len, max_blocks=method_config["calibration_blocks"], seed=tc.seed)
+        method.initialize(model, routing, calibration, method_config, tc.seed)
     routing.train()
     if tc.gradient_checkpointing:
         enable_gradient_checkpointing(model, family)
     optimizer = torch.optim.AdamW(routing.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
 
     start = 0
-    info = existing or RunInfo(tomoe=tomoe_config, train=tc, family=family.name, world_size=world)
+    info = existing or RunInfo(tomoe=tomoe_config, train=tc, family=family.name, world_size=world, method=method.name,
+                               method_config=method_config)
     info.train = tc
-    checkpoint = load_checkpoint(run_dir) if existing is not None else None  # the run directory is shared by all processes
     if checkpoint is not None:
         routing.load_state_dict(checkpoint.routing)
         optimizer.load_state_dict(checkpoint.optimizer)
@@ -204,18 +233,19 @@ def convert(
     bar = tqdm(total=tc.steps, initial=start, desc="tomoe convert", disable=not (progress and main), dynamic_ncols=True)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=tc.bf16)
     params = [p for p in routing.parameters() if p.requires_grad]
+    names = loss_terms(method)
     began = time.time()
     for step in range(start, tc.steps):
         batch = sampler.batch(step)  # the global batch, the same on every process
-        sums = torch.zeros(len(LOSS_TERMS), device=device)
+        sums = torch.zeros(len(names), device=device)
         for micro in range(tc.grad_accum):
             index = rank * tc.grad_accum + micro  # this micro-batch's place in the global batch
             input_ids = batch[index * tc.batch_size : (index + 1) * tc.batch_size].to(device)
             torch.manual_seed(noise_seed(tc.seed, step, index))
             with autocast:
-                terms = training_step(model, routing, input_ids, torch.ones_like(input_ids), tc.kd_chunk_tokens)
+                terms = training_step(model, routing, input_ids, torch.ones_like(input_ids), tc.kd_chunk_tokens, method.objective)
             (terms["loss"] / tc.grad_accum).backward()
-            sums += torch.stack([terms[name].detach().float() for name in LOSS_TERMS])
+            sums += torch.stack([terms[name].detach().float() for name in names])
 
         # Average the losses and the routing gradients over all micro-batches of all processes.
         means = sums / (tc.grad_accum * world)
@@ -228,7 +258,7 @@ def convert(
                 torch.distributed.all_reduce(p.grad)
                 p.grad.div_(world)
         grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
-        values = dict(zip(LOSS_TERMS, means.tolist()))
+        values = dict(zip(names, means.tolist()))
         if not (math.isfinite(values["loss"]) and math.isfinite(grad_norm.item())):  # the same verdict on every process
             raise ToMoEError(non_finite_message(values, grad_norm.item(), step + 1, last_saved, run_dir, tc))
         optimizer.step()
@@ -237,7 +267,7 @@ def convert(
         done = step + 1
         values = {name: round(value, 6) for name, value in values.items()}
         bar.update(1)
-        bar.set_postfix(kd=f"{values['kd']:.4f}", R_P=f"{values['r_p']:.3f}", R_U=f"{values['r_u']:.3f}", R_L=f"{values['r_l']:.3f}", active=f"{values['active_ratio']:.3f}")
+        bar.set_postfix({POSTFIX.get(name, name): f"{values[name]:.4f}" for name in names[1:]})
         if main and (done % tc.log_every == 0 or done == tc.steps):
             record = {"step": done, **values, "grad_norm": round(grad_norm.item(), 6), "lr": tc.lr,
                       "tokens": done * global_batch * tc.seq_len, "elapsed_s": round(time.time() - began, 2)}
@@ -256,19 +286,26 @@ def convert(
     bar.close()
     model.eval()  # undo enable_gradient_checkpointing's training flags: the measurement below runs plain forwards
 
-    summary = summarize_routing(model, routing, eval_blocks)  # on every process: with FSDP all of them take part
+    if main and tc.steps == 0:  # a training-free run: its initialisation is its only checkpoint
+        save_checkpoint(run_dir, 0, routing.state_dict(), None)
+    # On every process: with FSDP all of them take part.
+    summary = (method.summarize or _summarize_tomoe)(model, routing, eval_blocks)
     info.status = "finished"
     info.result = {
         "final_kd": _last_logged(run_dir, "kd") if main else None,
         "target_active": tomoe_config.target_active,
         "train_seconds": round(time.time() - began, 1),
         "global_batch": global_batch,
-        **summary.to_dict(),
+        **summary,
     }
     if main:
         write_run(run_dir, info)
     accelerator.wait_for_everyone()
     return info
+
+
+def _summarize_tomoe(model, routing, eval_blocks: torch.Tensor) -> dict:
+    return summarize_routing(model, routing, eval_blocks).to_dict()
 
 
 def noise_seed(seed: int, step: int, micro_batch: int) -> int:
@@ -278,7 +315,7 @@ def noise_seed(seed: int, step: int, micro_batch: int) -> int:
 
 
 def non_finite_message(values: dict, grad_norm: float, step: int, last_saved: int, run_dir: Path, tc: TrainConfig) -> str:
-    terms = ", ".join(f"{name} {values[name]:.4g}" for name in LOSS_TERMS[1:])
+    terms = ", ".join(f"{name} {value:.4g}" for name, value in values.items() if name != "loss")
     what = f"the loss became {values['loss']}" if not math.isfinite(values["loss"]) else f"the routing gradients became {grad_norm}"
     kept = f"the last good checkpoint (step {last_saved}) in {run_dir} is kept" if last_saved else "no checkpoint had been written yet"
     return (

@@ -9,7 +9,7 @@ import sys
 from tomoe.errors import ToMoEError
 
 # Sub-command modules, in the order `tomoe --help` lists them.
-COMMAND_MODULES = ["convert", "eval", "export", "info", "report"]
+COMMAND_MODULES = ["convert", "baseline", "eval", "export", "info", "report"]
 
 
 def build_parser() -> argparse.ArgumentParser:

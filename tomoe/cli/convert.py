@@ -55,7 +55,7 @@ def build_configs(args: argparse.Namespace):
     values.update({k: v for k, v in overrides.items() if v is not None})
     train_config = TrainConfig(**values)
     if train_config.save_every > train_config.steps:
-        train_config = dataclasses.replace(train_config, save_every=train_config.steps)
+        train_config = dataclasses.replace(train_config, save_every=max(train_config.steps, 1))  # --steps 0 is refused later
     return tomoe_config, train_config
 
 

@@ -45,6 +45,7 @@ def register(subparsers) -> None:
     parser.add_argument("--data-dir", metavar="DIR", help="local data folder (default: $TOMOE_DATA_DIR; unset: the Hugging Face hub)")
     parser.add_argument("--limit", type=int, metavar="N", help="zero-shot: only the first N examples of each task (for quick checks; not comparable with full-set scores)")
     parser.add_argument("--seq-len", type=int, metavar="T", help="perplexity window length (default: min(2048, model context))")
+    parser.add_argument("--max-windows", type=int, metavar="W", help="perplexity over the first W windows only (a fixed prefix, for quick checks)")
     parser.add_argument("--batch-size", type=int, default=1, metavar="B", help="windows / lm-eval requests per forward pass (default 1)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT (atomically)")
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from tomoe.evaluate.results import make_results, markdown_table, write_json
     from tomoe.evaluate.zeroshot import local_task_root, parse_tasks
 
-    for flag, value in (("--limit", args.limit), ("--seq-len", args.seq_len), ("--batch-size", args.batch_size)):
+    for flag, value in (("--limit", args.limit), ("--seq-len", args.seq_len), ("--max-windows", args.max_windows), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
             raise ToMoEError(f"{flag} must be a positive integer, got {value}.")
     # Check every input before loading the model, which takes a while.
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
     perplexity = {}
     if rows is not None:
-        result = evaluate_perplexity(model, tokenizer, rows, args.seq_len, args.batch_size, progress=not args.quiet)
+        result = evaluate_perplexity(model, tokenizer, rows, args.seq_len, args.batch_size, progress=not args.quiet, max_windows=args.max_windows)
         perplexity[ppl_name] = dict(result.to_dict(), source=ppl_source)
     zeroshot = evaluate_zeroshot(model, tokenizer, tasks, data_dir, args.limit, args.batch_size) if tasks else {}
 
@@ -90,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         "data_dir": str(data_dir) if data_dir else None,
         "zeroshot_source": ("local" if data_dir else "hub") if tasks else None,
         "limit": args.limit if tasks else None,
+        "max_windows": args.max_windows if rows is not None else None,
     }
     model_name = args.model or "smollm2-135m-instruct (embedded)"
     results = make_results(model_name, settings, perplexity, zeroshot, zeroshot_average(zeroshot))
@@ -100,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 # Options that only make sense when evaluating (refused with --compare so nothing is silently ignored).
-EVAL_FLAGS = ("ppl", "ppl_file", "tasks", "data_dir", "limit", "seq_len", "device", "json")
+EVAL_FLAGS = ("ppl", "ppl_file", "tasks", "data_dir", "limit", "seq_len", "max_windows", "device", "json")
 
 
 def compare(args: argparse.Namespace) -> int:

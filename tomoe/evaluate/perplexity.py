@@ -101,13 +101,21 @@ def evaluate_perplexity(
     seq_len: int | None = None,
     batch_size: int = 1,
     progress: bool = True,
+    max_windows: int | None = None,
 ) -> PerplexityResult:
-    """Perplexity of ``model`` on ``rows`` with the protocol in this module's docstring."""
+    """Perplexity of ``model`` on ``rows`` with the protocol in this module's docstring.
+
+    ``max_windows`` scores only the first windows (a fixed prefix of the text, e.g. for a quick CPU comparison);
+    the result's ``windows`` and ``predicted_tokens`` then count only those.
+    """
+    if max_windows is not None and max_windows < 1:
+        raise ToMoEError(f"--max-windows must be a positive integer, got {max_windows}.")
     context = model_context(model)
     seq_len = seq_len or default_seq_len(model)
     if context is not None and seq_len > context:
         raise ToMoEError(f"--seq-len {seq_len} is longer than the model's context of {context} tokens; pass at most {context}.")
     windows, tokens = make_windows(tokenizer, rows, seq_len)
+    windows = windows[:max_windows]
     nll, predicted = window_perplexity(model, windows, batch_size=batch_size, progress=progress)
     return PerplexityResult(
         ppl=math.exp(nll), nll=nll, windows=len(windows), seq_len=seq_len, tokens=tokens, predicted_tokens=predicted

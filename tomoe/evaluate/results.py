@@ -94,6 +94,10 @@ def markdown_table(runs: list[dict], names: list[str] | None = None) -> str:
     if limits:
         lines.append(f"\nZero-shot scores use --limit {', '.join(map(str, sorted(limits)))} examples per task: "
                      "not comparable with full-set numbers.")
+    windows = {run.get("settings", {}).get("max_windows") for run in runs} - {None}
+    if windows:
+        lines.append(f"\nPerplexity over the first {', '.join(map(str, sorted(windows)))} windows only (--max-windows): "
+                     "not comparable with whole-split numbers.")
     return "\n".join(lines)
 
 

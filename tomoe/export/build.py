@@ -55,6 +55,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, format: str = "tomoe") 
     info = read_run(run_dir)
     if info.status != "finished":
         raise ToMoEError(f"the run {run_dir} is unfinished (status {info.status!r}); finish it with `tomoe convert --resume --out {run_dir}` before exporting.")
+    if info.method == "split-moe":
+        raise ToMoEError(f"{run_dir} is a split-moe baseline run, which has no export format; evaluate it directly with `tomoe eval {run_dir}`.")
     stock = STOCK_FORMATS.get(format)
     if stock is not None:
         stock.check(info)

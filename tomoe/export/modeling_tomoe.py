@@ -21,7 +21,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
 from .kernels import (
-    EXPERT_PATHS, GROUPED_KERNELS, canonical_slot_order, experts_forward, single_forward, transpose_down_storage_, vo_project,
+    EXPERT_PATHS, GROUPED_KERNELS, canonical_slot_order, experts_forward, pad_query_key, single_forward, transpose_down_storage_, vo_project,
 )
 from .configuration_tomoe import TomoeConfig
 
@@ -218,6 +218,8 @@ class TomoeAttention(nn.Module):
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, _eager_attention)
         if self.softcap is not None and self.config._attn_implementation == "sdpa":
             attention = _eager_attention  # sdpa has no logit soft-capping
+        elif self.config._attn_implementation == "sdpa":
+            query, key = pad_query_key(query, key, value)  # prefill: lets sdpa use its fused kernel (the cache stays sliced)
         output, weights = attention(
             self, query, key, value, attention_mask,
             dropout=self.attention_dropout if self.training else 0.0,
@@ -238,6 +240,10 @@ def _has_bias(dense: nn.Module, name: str, config) -> bool:
     """Whether the dense projection ``name`` (or the fused ``qkv_proj`` holding it) has a bias."""
     module = getattr(dense, name, None) or getattr(dense, "qkv_proj", None)
     return module.bias is not None if module is not None else bool(getattr(config, "attention_bias", False))
+
+
+# The KV-cache field of model outputs: ``cache`` since transformers 5.2x, ``past_key_values`` before.
+_OUTPUT_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def _cache_argument(decoder: nn.Module) -> str:
@@ -305,8 +311,8 @@ class TomoeForCausalLM(TomoePreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
-                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                      attentions=outputs.attentions, **{_OUTPUT_CACHE: getattr(outputs, _OUTPUT_CACHE)})
 
 
 __all__ = ["TomoeConfig", "TomoeForCausalLM", "TomoePreTrainedModel"]

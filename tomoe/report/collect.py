@@ -221,6 +221,9 @@ def collect_run(run_dir: Path, text_file: str | Path | None = None) -> ReportDat
 
     text, caption = read_sample_text(text_file)  # before loading a model: bad input fails fast
     info = read_run(run_dir)
+    if info.method == "split-moe":
+        raise ToMoEError(f"{run_dir} is a split-moe baseline run: it has fixed experts and a top-k router, not the ToMoE "
+                         f"masks this report draws. Evaluate it with `tomoe eval {run_dir}`.")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_run_for_inference(run_dir, device=device)
     routing = model.tomoe_routing

@@ -1,0 +1,281 @@
+"""Baselines (tomoe.baselines): magnitude scores and static masks, split-moe partitions, routing and ratios, their
+run directories through the normal loop and evaluation, and bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tomoe.baselines import magnitude, run_baseline, run_split_moe, run_static_learned, run_static_magnitude, split_moe
+from tomoe.cli import main
+from tomoe.config import ToMoEConfig
+from tomoe.errors import ToMoEError
+from tomoe.evaluate import evaluate_perplexity, load_model_for_eval
+from tomoe.export.build import export_run
+from tomoe.measure import summarize_routing
+from tomoe.methods import get_method
+from tomoe.patch import attach
+from tomoe.report import build_report
+from tomoe.run import TrainConfig, latest_checkpoint_dir, load_run_for_inference, read_log
+from tomoe.train import convert
+
+
+@pytest.fixture
+def sample_ids():
+    return torch.randint(3, 256, (4, 24), generator=torch.Generator().manual_seed(0))
+
+
+def _capture_inputs(modules: dict) -> tuple[dict, list]:
+    """Record the full input of each named module on every forward (independent of the code under test)."""
+    seen = {name: [] for name in modules}
+    handles = [module.register_forward_pre_hook(lambda m, args, n=name: seen[n].append(args[0].flatten(0, -2)))
+               for name, module in modules.items()]
+    return seen, handles
+
+
+def _train_config(model_dir, data, **overrides):
+    values = dict(model=str(model_dir), data=str(data), steps=0, seq_len=32, batch_size=2, save_every=10, log_every=1, eval_blocks=2)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _ppl(run_or_model, text_file) -> float:
+    model, tokenizer = load_model_for_eval(str(run_or_model))
+    rows = text_file.read_text().splitlines(keepends=True)
+    return evaluate_perplexity(model, tokenizer, rows, seq_len=32, progress=False).ppl
+
+
+# --- static-magnitude ---------------------------------------------------------------------------------------
+
+
+def test_magnitude_scores_equal_a_hand_computation(tiny_llama, sample_ids):
+    layer = tiny_llama.model.layers[1]
+    attention, mlp = layer.self_attn, layer.mlp
+    seen, handles = _capture_inputs({"x": attention.q_proj, "h": mlp.down_proj, "a": attention.o_proj})
+    with torch.no_grad():
+        tiny_llama(sample_ids)
+    for handle in handles:
+        handle.remove()
+    x, h, a = (torch.cat(seen[n]).double() for n in "xha")  # (tokens, features)
+    heads, kv_heads, head_dim = 4, 2, 16
+    q = (x @ attention.q_proj.weight.double().T).view(-1, heads, head_dim)
+    k = (x @ attention.k_proj.weight.double().T).view(-1, kv_heads, head_dim)
+    a = a.view(-1, heads, head_dim)
+    o = attention.o_proj.weight.double().view(-1, heads, head_dim)  # (d, heads, head_dim)
+    half = head_dim // 2
+    qk = torch.tensor([sum(q[:, hd, [g, g + half]].norm() * k[:, hd // 2, [g, g + half]].norm() for hd in range(heads)) for g in range(half)])
+    vo = torch.tensor([sum(a[:, hd, i].norm() * o[:, hd, i].norm() for hd in range(heads)) for i in range(head_dim)])
+    mlp_scores = torch.tensor([h[:, j].norm() * mlp.down_proj.weight[:, j].double().norm() for j in range(h.shape[1])])
+
+    routing = attach(tiny_llama, ToMoEConfig(num_experts=1))
+    scores = magnitude.magnitude_scores(tiny_llama, routing, sample_ids, batch_size=3)  # a last, shorter batch
+    torch.testing.assert_close(scores.qk[1], qk.double())
+    torch.testing.assert_close(scores.vo[1], vo.double())
+    torch.testing.assert_close(scores.mlp[1], mlp_scores.double())
+    assert len(scores.mlp) == 2 and scores.qk[0].shape == (half,)
+
+
+def test_static_magnitude_routing_keeps_exactly_the_chosen_channels_at_the_target(tiny_llama, sample_ids):
+    with torch.no_grad():
+        dense = tiny_llama(sample_ids).logits
+    routing = attach(tiny_llama, ToMoEConfig(num_experts=1, target_active=0.6))
+    scores = magnitude.magnitude_scores(tiny_llama, routing, sample_ids)
+    kept = magnitude.select_channels(scores, routing.geometry, routing.qk_groups, 0.6, dynamic_attention=True)
+    magnitude.set_static_masks(routing, kept)
+    summary = summarize_routing(tiny_llama, routing, sample_ids)  # sets the V/O top-K, as a finished run does
+    routing.eval()  # deterministic routing, as evaluated
+    one_channel = routing.geometry.mlp_params_per_channel / routing.geometry.dense_params_per_layer
+    assert 0.6 - one_channel < summary.active_ratio <= 0.6
+    assert [int(k[0].sum()) for k in kept] == summary.mlp_widths and summary.vo_topk == [10, 10] and summary.qk_dims == [10, 10]
+    with torch.no_grad():
+        patched = tiny_llama(sample_ids).logits
+
+    # The dense model with every pruned channel zeroed by hand.
+    def zero(keep):
+        return lambda module, args: (args[0] * keep.to(args[0].dtype),)
+
+    def zero_output(keep):
+        return lambda module, args, output: output * keep.to(output.dtype)
+
+    handles = []
+    for index, (mlp_keep, qk_keep, vo_keep) in enumerate(kept):
+        layer = tiny_llama.model.layers[index]
+        dims = qk_keep[routing.qk_groups]  # RoPE pairs share their group's decision
+        handles.append(layer.mlp.down_proj.register_forward_pre_hook(zero(mlp_keep)))
+        handles.append(layer.self_attn.q_proj.register_forward_hook(zero_output(dims.repeat(4))))
+        handles.append(layer.self_attn.k_proj.register_forward_hook(zero_output(dims.repeat(2))))
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(zero(vo_keep.repeat(4))))
+    with torch.no_grad(), routing.disabled():
+        reference = tiny_llama(sample_ids).logits
+    torch.testing.assert_close(patched, reference, atol=1e-5, rtol=0)
+    assert (dense - patched).abs().max() > 1e-3  # pruning did change the model
+
+
+def test_static_magnitude_run_is_training_free_exports_and_evaluates(tmp_path, tiny_model_dir, tiny_text_file):
+    info = run_static_magnitude(tmp_path / "run", 0.6, _train_config(tiny_model_dir, tiny_text_file), calibration_blocks=4, progress=False)
+    run = json.loads((tmp_path / "run" / "tomoe_run.json").read_text())
+    assert run["status"] == "finished" and run["method"] == "static-magnitude" and run["tomoe"]["num_experts"] == 1
+    assert run["method_config"] == {"calibration_blocks": 4} and read_log(tmp_path / "run") == []
+    assert latest_checkpoint_dir(tmp_path / "run").name == "step-000000" and info.result["final_kd"] is None
+    assert 0.59 < info.result["active_ratio"] <= 0.6
+
+    from tomoe.export import export_run
+    from transformers import AutoModelForCausalLM
+
+    export_run(tmp_path / "run", tmp_path / "moe")
+    patched, _ = load_run_for_inference(tmp_path / "run")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "moe")
+    ids = torch.randint(3, 49152, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, patched(ids).logits, atol=1e-4, rtol=0)
+    ppl = _ppl(tmp_path / "run", tiny_text_file)
+    assert math.isfinite(ppl) and ppl != pytest.approx(_ppl(tiny_model_dir, tiny_text_file))
+
+    # The same masks are the start of a trained run: a few steps of the normal loop continue from them.
+    trained = run_static_magnitude(tmp_path / "kd", 0.6, _train_config(tiny_model_dir, tiny_text_file, steps=3, lr=1e-2),
+                                   calibration_blocks=4, progress=False)
+    assert [r["step"] for r in read_log(tmp_path / "kd")] == [1, 2, 3] and trained.result["final_kd"] > 0
+    start = load_file(str(latest_checkpoint_dir(tmp_path / "run") / "routing.safetensors"))
+    end = load_file(str(latest_checkpoint_dir(tmp_path / "kd") / "routing.safetensors"))
+    assert not torch.equal(start["mlp.0.mask_proj.2.weight"], end["mlp.0.mask_proj.2.weight"])
+
+
+def test_static_learned_is_tomoe_with_one_expert(tmp_path, tiny_model_dir, tiny_text_file):
+    info = run_static_learned(tmp_path / "run", 0.6, _train_config(tiny_model_dir, tiny_text_file, steps=2), progress=False)
+    assert info.method == "static-learned" and info.tomoe.num_experts == 1 and len(info.result["expert_widths"][0]) == 1
+    assert math.isfinite(_ppl(tmp_path / "run", tiny_text_file))
+
+
+# --- split-moe ----------------------------------------------------------------------------------------------
+
+
+def test_partitions_cover_every_channel_once_and_kmeans_finds_planted_groups():
+    generator = torch.Generator().manual_seed(0)
+    random = split_moe.random_partition(128, 8, generator)
+    assert random.shape == (8, 16) and torch.equal(random.flatten().sort().values, torch.arange(128))
+    # 8 planted groups of 16 channels: each group is active on its own tokens.
+    groups = torch.randperm(128, generator=generator) % 8
+    patterns = torch.rand(8, 200, generator=generator) ** 4
+    features = patterns[groups] + 0.05 * torch.rand(128, 200, generator=generator)
+    clusters = split_moe.balanced_kmeans(features, 8, torch.Generator().manual_seed(3))
+    assert torch.equal(clusters.flatten().sort().values, torch.arange(128))
+    assert sorted(tuple(groups[c].unique().tolist()) for c in clusters) == [(g,) for g in range(8)]
+    again = split_moe.balanced_kmeans(features, 8, torch.Generator().manual_seed(3))
+    assert torch.equal(clusters, again)
+
+
+def test_split_routing_with_all_experts_is_the_dense_model_and_with_fewer_a_union_of_experts(tiny_llama, sample_ids):
+    with torch.no_grad():
+        dense = tiny_llama(sample_ids).logits
+    routing = split_moe.SplitMoERouting(tiny_llama, 4, 4)
+    split_moe.initialize(tiny_llama, routing, sample_ids, {"partition": "random"}, seed=0)
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_llama(sample_ids).logits, dense, atol=1e-5, rtol=0)
+    routing.detach()
+
+    routing = split_moe.SplitMoERouting(tiny_llama, 4, 1)
+    split_moe.initialize(tiny_llama, routing, sample_ids, {"partition": "kmeans"}, seed=0)
+    with torch.no_grad():
+        routed = tiny_llama(sample_ids).logits
+    masks = routing.state.channel_masks[0]  # (B, T, intermediate)
+    chosen = masks.flatten(0, 1) @ routing.membership(0).T / 32  # (tokens, N): share of each expert's channels kept
+    assert set(chosen.unique().tolist()) == {0.0, 1.0} and torch.equal(chosen.sum(dim=1), torch.ones(len(chosen)))
+    assert (routed - dense).abs().max() > 1e-3
+    assert routing.active_ratio == pytest.approx((3 * 64 * 32 + 12288) / 36864)
+
+
+def _brute_force_ratio(model, num_experts: int, top_k: int) -> float:
+    """Weights of q/k/v/o and k of N expert slices of gate/up/down over all of them, counted from the modules."""
+    active = total = 0
+    for layer in model.model.layers:
+        attention = sum(getattr(layer.self_attn, n).weight.numel() for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        mlp = sum(getattr(layer.mlp, n).weight.numel() for n in ("gate_proj", "up_proj", "down_proj"))
+        active += attention + mlp * top_k // num_experts
+        total += attention + mlp
+    return active / total
+
+
+@pytest.mark.parametrize("target", [0.5, 0.6, 0.7, 0.95, 1.0])
+def test_chosen_split_is_the_best_one_by_a_brute_force_count(tiny_llama, target):
+    geometry = attach(tiny_llama, ToMoEConfig()).geometry
+    experts, top_k = split_moe.choose_experts(geometry, target)
+    achieved = _brute_force_ratio(tiny_llama, experts, top_k)
+    assert split_moe.split_active_ratio(geometry, experts, top_k) == pytest.approx(achieved)
+    every = {(n, k): _brute_force_ratio(tiny_llama, n, k) for n in (2, 4, 8, 16, 32, 64) for k in range(1, n + 1)}
+    best = max(r for r in every.values() if r <= target + 1e-9)
+    assert best == pytest.approx(achieved) and achieved <= target + 1e-9
+    assert experts == max(n for (n, k), r in every.items() if r == pytest.approx(best))  # ties: the finest split
+    assert split_moe.choose_experts(geometry, target, experts=8)[0] == 8
+
+
+def test_split_moe_run_trains_the_router_and_evaluates(tmp_path, tiny_model_dir, tiny_text_file):
+    config = _train_config(tiny_model_dir, tiny_text_file, lr=1e-2)
+    start = run_split_moe(tmp_path / "init", 0.7, config, calibration_blocks=4, progress=False)
+    trained = run_split_moe(tmp_path / "run", 0.7, dataclasses.replace(config, steps=4), calibration_blocks=4, progress=False)
+    assert trained.method == "split-moe" and trained.tomoe.attention == "none"
+    assert trained.result["active_ratio"] == start.result["active_ratio"] <= 0.7
+    assert (trained.tomoe.num_experts, trained.method_config["top_k"]) == (start.tomoe.num_experts, start.method_config["top_k"])
+    log = read_log(tmp_path / "run")
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and set(log[0]) >= {"kd", "r_l", "active_ratio"} and "r_p" not in log[0]
+    before = load_file(str(latest_checkpoint_dir(tmp_path / "init") / "routing.safetensors"))
+    after = load_file(str(latest_checkpoint_dir(tmp_path / "run") / "routing.safetensors"))
+    assert torch.equal(before["partition"], after["partition"])  # the partition is fixed, only the routers train
+    assert not torch.equal(before["routers.0.weight"], after["routers.0.weight"])
+
+    patched, _ = load_run_for_inference(tmp_path / "run")
+    assert torch.equal(patched.tomoe_routing.partition.cpu(), after["partition"])
+    assert math.isfinite(_ppl(tmp_path / "run", tiny_text_file))
+    with pytest.raises(ToMoEError, match="split-moe baseline run"):
+        build_report(tmp_path / "run", tmp_path / "report.html")  # it draws ToMoE masks, which split-moe has not
+    with pytest.raises(ToMoEError, match="split-moe baseline run"):
+        export_run(tmp_path / "run", tmp_path / "moe")  # no export format holds a top-k union of fixed experts
+    assert not (tmp_path / "moe").exists()
+
+
+def test_cli_baseline_writes_a_split_moe_run(tmp_path, tiny_model_dir, tiny_text_file, capsys):
+    out = tmp_path / "cli"
+    argv = ["baseline", "split-moe", "--model", str(tiny_model_dir), "--data", str(tiny_text_file), "--target-active", "0.7",
+            "--experts", "4", "--partition", "random", "--calibration-blocks", "2", "--steps", "2", "--seq-len", "32",
+            "--batch-size", "2", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    run = json.loads((out / "tomoe_run.json").read_text())
+    assert run["method"] == "split-moe" and run["tomoe"]["num_experts"] == 4 and run["train"]["steps"] == 2
+    assert run["method_config"] == {"top_k": 2, "partition": "random", "calibration_blocks": 2}  # 1/3 + 2/3 * 2/4 <= 0.7
+    assert "active ratio (deterministic) 0.667" in capsys.readouterr().out
+
+
+# --- bad input ----------------------------------------------------------------------------------------------
+
+
+def test_bad_input_is_a_clear_error_before_any_work(tmp_path, tiny_model_dir, tiny_text_file, tiny_llama, capsys):
+    config = _train_config(tiny_model_dir, tiny_text_file, steps=1)
+    geometry = attach(tiny_llama, ToMoEConfig()).geometry
+    with pytest.raises(ToMoEError, match="unknown baseline 'nonsense'"):
+        run_baseline("nonsense", tmp_path / "a", 0.5, config)
+    with pytest.raises(ToMoEError, match="unknown method"):
+        get_method("nonsense")
+    with pytest.raises(ToMoEError, match="top-k 5 exceeds the number of experts 4"):
+        split_moe.choose_experts(geometry, 0.9, experts=4, top_k=5)
+    with pytest.raises(ToMoEError, match="do not divide the MLP width 128"):
+        split_moe.choose_experts(geometry, 0.9, experts=3)
+    with pytest.raises(ToMoEError, match="cannot reach an active ratio <= 0.3"):
+        split_moe.choose_experts(geometry, 0.3)
+    for target in (0.0, 1.5):
+        with pytest.raises(ToMoEError, match="must be in \\(0, 1\\]"):
+            run_split_moe(tmp_path / "b", target, config)
+        with pytest.raises(ToMoEError, match="must be in \\(0, 1\\]"):
+            run_static_magnitude(tmp_path / "b", target, config)
+    with pytest.raises(ToMoEError, match="partition must be one of"):
+        run_split_moe(tmp_path / "c", 0.7, config, partition="spectral")
+    with pytest.raises(ToMoEError, match="only a method with a training-free initialisation"):
+        convert(tmp_path / "d", ToMoEConfig(), _train_config(tiny_model_dir, tiny_text_file, steps=0), progress=False)
+    with pytest.raises(ToMoEError, match="single expert"):
+        convert(tmp_path / "e", ToMoEConfig(num_experts=2), config, method="static-learned", progress=False)
+    assert main(["baseline", "static-learned", "--target-active", "0.5", "--top-k", "2", "--out", str(tmp_path / "f")]) == 2
+    assert "--top-k does not apply to static-learned" in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in "abcdef")

@@ -1,0 +1,289 @@
+"""split-moe: MoEfication / LLaMA-MoE style experts, the MLP channels split into N fixed experts and a top-k router.
+
+Each MLP's intermediate channels are partitioned into N disjoint experts of I/N channels:
+
+* ``random``: a seeded random permutation (LLaMA-MoE's random split);
+* ``kmeans``: balanced k-means (equal sizes) of the channels' activation patterns on calibration tokens. Channel j
+  is the vector of ``|h_j|`` over the tokens, normalised, so channels that are active on the same tokens share an
+  expert (MoEfication's co-activation clustering).
+
+A router ``Linear(d, N)`` on the MLP input picks the top k experts of each token, and the MLP output is the dense
+MLP restricted to the union of their channels (MoEfication: experts are summed unweighted, so k = N is the dense
+MLP). Attention stays dense.
+
+The router starts from MoEfication's router objective solved in closed form: a ridge regression from the MLP input
+onto each expert's activation mass ``m_e = sum_{j in e} |h_j|`` on the calibration tokens, so that it begins by
+choosing the experts carrying most of it (with either partition). The target is ``log m_e`` centred per token and
+scaled to unit variance: logits of unit scale, so the softmax is informative and the optimizer's steps do not swamp
+them (regressing the raw shares m_e / sum m gives logits ~1/N, which three AdamW steps at lr 1e-2 turned from
+ppl 840 into 11k in a measurement at N = 48; with this target, 890). Training, in the normal loop of
+``tomoe.train``, distils the dense model through it: the forward uses the hard top-k choice, the gradient is that
+of the softmax of the router logits (straight-through), the loss is KD + gamma R_L (Switch load balancing).
+
+N and k: the active ratio counts, as ToMoE's does, the decoder blocks' linear weights a token uses: k I/N channels
+of every MLP and the dense attention. ``choose_experts`` picks the N (a divisor of I, up to ``MAX_AUTO_EXPERTS``)
+and the k whose ratio is closest to the target without exceeding it; among equal ratios the most experts, because
+finer splits route better. Measured on SmolLM2-135M at p = 0.5 (k-means, 2k WikiText-2 tokens, dense ppl 40):
+N = 3 / 12 / 24 / 48 / 96 give ppl 20.6k / 2.4k / 1.5k / 840 / 540 with the fitted router, and even routing by
+the true activation mass of each expert only reaches 10.3k / 1.6k / 630 / 340 / 210.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tomoe.config import ToMoEConfig
+from tomoe.errors import ToMoEError
+from tomoe.families import Geometry
+from tomoe.losses import Widths, active_ratio, load_balance_loss
+from tomoe.nn import top_k_mask
+from tomoe.patch import HookedRouting
+
+PARTITIONS = ("kmeans", "random")
+REGULARIZERS = ("r_l",)
+MAX_AUTO_EXPERTS = 64  # LLaMA-MoE uses 8-16 experts, MoEfication experts of a few dozen channels
+KMEANS_ITERATIONS = 10
+RIDGE = 1e-3  # router regression: ridge weight relative to the mean diagonal of the Gram matrix
+
+
+def split_active_ratio(geometry: Geometry, num_experts: int, top_k: int) -> float:
+    """Active ratio (tomoe.losses.active_ratio) of k of N equal experts per MLP with dense attention."""
+    width = top_k * geometry.intermediate_size // num_experts
+    layers = geometry.num_layers
+    return float(active_ratio(Widths([width] * layers, [geometry.head_dim] * layers, [geometry.head_dim] * layers), geometry))
+
+
+def choose_experts(geometry: Geometry, target: float, experts: int | None = None, top_k: int | None = None) -> tuple[int, int]:
+    """(N, k) with the active ratio closest to ``target`` without exceeding it; given values are kept.
+
+    Among equal ratios the most experts win (see the module docstring). Raises ToMoEError for impossible settings.
+    """
+    ToMoEConfig(target_active=target)  # validates the ratio
+    intermediate = geometry.intermediate_size
+    if experts is not None:
+        _check_experts(geometry, experts)
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ToMoEError(f"split-moe top-k must be an integer >= 1, got {top_k!r}.")
+    candidates = [experts] if experts is not None else [n for n in range(2, MAX_AUTO_EXPERTS + 1) if intermediate % n == 0]
+    best = None
+    for n in candidates:
+        if top_k is not None and top_k > n:
+            if experts is not None:
+                raise ToMoEError(f"split-moe top-k {top_k} exceeds the number of experts {n}; choose k <= N.")
+            continue
+        for k in [top_k] if top_k is not None else range(1, n + 1):
+            ratio = split_active_ratio(geometry, n, k)
+            if ratio <= target + 1e-9 and (best is None or ratio >= best[2] - 1e-12):  # later n are larger
+                best = (n, k, ratio)
+    if best is None:
+        floor = geometry.attention_params(geometry.head_dim, geometry.head_dim) / geometry.dense_params_per_layer
+        given = ", ".join(f"{name}={value}" for name, value in (("N", experts), ("k", top_k)) if value is not None)
+        fixed = f" with {given}" if given else ""
+        raise ToMoEError(
+            f"split-moe cannot reach an active ratio <= {target}{fixed}: attention stays dense ({floor:.3f} of the "
+            f"weights) and every token uses at least one expert. Choose a larger --target-active or fewer channels per token."
+        )
+    return best[0], best[1]
+
+
+def _check_experts(geometry: Geometry, experts) -> None:
+    if not isinstance(experts, int) or experts < 2:
+        raise ToMoEError(f"split-moe needs at least 2 experts, got {experts!r}.")
+    if geometry.intermediate_size % experts:
+        raise ToMoEError(
+            f"split-moe experts are equal splits: {experts} experts do not divide the MLP width {geometry.intermediate_size}; "
+            f"choose a divisor of it (e.g. {', '.join(str(n) for n in range(2, MAX_AUTO_EXPERTS + 1) if geometry.intermediate_size % n == 0)})."
+        )
+
+
+def validate(geometry: Geometry, tomoe_config: ToMoEConfig, method_config: dict) -> None:
+    """Refuses a split-moe run whose settings cannot work (before any heavy work)."""
+    _check_experts(geometry, tomoe_config.num_experts)
+    top_k = method_config.get("top_k")
+    if not isinstance(top_k, int) or not 1 <= top_k <= tomoe_config.num_experts:
+        raise ToMoEError(f"split-moe top-k must be an integer in [1, N={tomoe_config.num_experts}], got {top_k!r}.")
+    if method_config.get("partition") not in PARTITIONS:
+        raise ToMoEError(f"split-moe partition must be one of {', '.join(PARTITIONS)}, got {method_config.get('partition')!r}.")
+    if tomoe_config.attention != "none":
+        raise ToMoEError("split-moe keeps attention dense: its ToMoE config must say attention='none'.")
+    ratio = split_active_ratio(geometry, tomoe_config.num_experts, top_k)
+    if ratio > tomoe_config.target_active + 1e-9:
+        raise ToMoEError(f"split-moe with N={tomoe_config.num_experts}, k={top_k} is active ratio {ratio:.4f}, above the target {tomoe_config.target_active}.")
+
+
+@dataclass
+class SplitState:
+    """Routing decisions of the current forward pass (read back by the load-balancing loss)."""
+
+    routes: list  # per layer (top-k choice / k, router probabilities), both (B, T, N)
+    channel_masks: list  # per layer (B, T, intermediate), exactly 0/1
+
+
+class SplitMoERouting(HookedRouting):
+    """The routers and partitions of a split-moe model and the hooks applying them (always deterministic)."""
+
+    def __init__(self, model: nn.Module, num_experts: int, top_k: int, gamma: float = 1.0):
+        super().__init__(model)
+        geo = self.geometry
+        _check_experts(geo, num_experts)
+        if not 1 <= top_k <= num_experts:
+            raise ToMoEError(f"split-moe top-k must be in [1, {num_experts}], got {top_k}.")
+        self.num_experts, self.top_k, self.gamma = num_experts, top_k, gamma
+        self.active_ratio = split_active_ratio(geo, num_experts, top_k)
+        self.routers = nn.ModuleList(nn.Linear(geo.hidden_size, num_experts) for _ in range(geo.num_layers))
+        # (layers, N, I / N): the channels of each expert, a buffer saved with the checkpoint (set by initialize).
+        contiguous = torch.arange(geo.intermediate_size).view(1, num_experts, -1)
+        self.register_buffer("partition", contiguous.repeat(geo.num_layers, 1, 1))
+        for index, layer in enumerate(self._hook_decoder(model, self._begin_forward)):
+            mlp = self.family.mlp_module(layer)
+            self._handles.append(mlp.register_forward_pre_hook(self._router_hook(index)))
+            self._handles.append(mlp.get_submodule(self.family.down_proj).register_forward_pre_hook(self._mlp_mask_hook(index)))
+        self.to(next(model.parameters()).device)
+
+    def membership(self, index: int) -> torch.Tensor:
+        """(N, intermediate) 0/1: which channels each expert of layer ``index`` owns."""
+        partition = self.partition[index]
+        return torch.zeros(self.num_experts, self.geometry.intermediate_size, device=partition.device).scatter_(1, partition, 1.0)
+
+    def _begin_forward(self, module, args, kwargs):
+        layers = self.geometry.num_layers
+        self.state = SplitState([None] * layers, [None] * layers) if self.active else None
+
+    def _router_hook(self, index: int):
+        def hook(module, args):
+            if self.state is None:
+                return None
+            router = self.routers[index]
+            logits = router(args[0].to(router.weight.dtype))  # (B, T, N)
+            probs = F.softmax(logits, dim=-1)
+            chosen = top_k_mask(logits, self.top_k)
+            self.state.routes[index] = (chosen / self.top_k, probs)
+            # Forward: exactly the chosen experts; backward: the softmax's gradient (straight-through).
+            self.state.channel_masks[index] = (chosen + (probs - probs.detach())) @ self.membership(index)
+            return None
+
+        return hook
+
+
+def attach(model, tomoe_config: ToMoEConfig, method_config: dict) -> SplitMoERouting:
+    """Freeze ``model`` and hook a split-moe routing into it (N from the ToMoE config, k from the method config)."""
+    model.requires_grad_(False)
+    return SplitMoERouting(model, tomoe_config.num_experts, method_config["top_k"], tomoe_config.gamma)
+
+
+def objective(routing: SplitMoERouting, token_mask: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """``({"r_l": gamma R_L}, active ratio)``: only load balancing, since N and k fix the active ratio."""
+    ratio = torch.tensor(routing.active_ratio, device=token_mask.device)
+    return {"r_l": routing.gamma * load_balance_loss(routing.state, token_mask)}, ratio
+
+
+@torch.no_grad()
+def summarize(model, routing: SplitMoERouting, eval_ids: torch.Tensor, batch_size: int = 4) -> dict:
+    """The run's result: N, k, the active ratio and each expert's share of the routing slots on ``eval_ids``."""
+    loads = torch.zeros(routing.geometry.num_layers, routing.num_experts, dtype=torch.float64)
+    device = next(model.parameters()).device
+    for start in range(0, len(eval_ids), batch_size):
+        model.get_decoder()(input_ids=eval_ids[start : start + batch_size].to(device), use_cache=False)
+        for layer, (share, _) in enumerate(routing.state.routes):
+            loads[layer] += share.sum(dim=(0, 1)).double().cpu()
+    return {
+        "active_ratio": routing.active_ratio,
+        "num_experts": routing.num_experts,
+        "top_k": routing.top_k,
+        "expert_width": routing.geometry.intermediate_size // routing.num_experts,
+        "expert_load": (loads / eval_ids.numel()).tolist(),
+        "tokens": eval_ids.numel(),
+    }
+
+
+# ------------------------------------------------------------------------------------------ initialisation
+@torch.no_grad()
+def mlp_activations(model, routing: SplitMoERouting, input_ids: torch.Tensor, batch_size: int = 4):
+    """Per layer the dense MLP inputs (n, d) and intermediate activations h (n, I) of the tokens of ``input_ids``."""
+    family = routing.family
+    inputs = [[] for _ in range(routing.geometry.num_layers)]
+    hidden = [[] for _ in range(routing.geometry.num_layers)]
+    handles = []
+    for index, layer in enumerate(family.decoder_layers(model)):
+        mlp = family.mlp_module(layer)
+        handles.append(mlp.register_forward_pre_hook(lambda m, args, i=index: inputs[i].append(args[0].flatten(0, -2).float().cpu())))
+        handles.append(mlp.get_submodule(family.down_proj).register_forward_pre_hook(
+            lambda m, args, i=index: hidden[i].append(args[0].flatten(0, -2).float().cpu())))
+    device = next(model.parameters()).device
+    try:
+        with routing.disabled():
+            for start in range(0, len(input_ids), batch_size):
+                model.get_decoder()(input_ids=input_ids[start : start + batch_size].to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [torch.cat(x) for x in inputs], [torch.cat(h) for h in hidden]
+
+
+def random_partition(intermediate: int, num_experts: int, generator: torch.Generator) -> torch.Tensor:
+    """(N, I/N) channel ids, a random equal split (ascending within each expert)."""
+    return torch.randperm(intermediate, generator=generator).view(num_experts, -1).sort(dim=1).values
+
+
+def balanced_kmeans(features: torch.Tensor, num_experts: int, generator: torch.Generator, iterations: int = KMEANS_ITERATIONS) -> torch.Tensor:
+    """(N, I/N) channel ids: spherical k-means of the rows of ``features`` (I, n) into N clusters of equal size.
+
+    Each assignment step fills the clusters greedily: channels in order of their best similarity, each to its most
+    similar cluster that still has room.
+    """
+    points = F.normalize(features.double(), dim=1)
+    count = len(points)
+    capacity = count // num_experts
+    centroids = points[torch.randperm(count, generator=generator)[:num_experts]]
+    assignment = None
+    for _ in range(iterations):
+        new = _balanced_assignment(points @ centroids.T, capacity)
+        if assignment is not None and torch.equal(new, assignment):
+            break
+        assignment = new
+        sums = torch.zeros_like(centroids).index_add_(0, assignment, points)
+        centroids = F.normalize(sums, dim=1)
+    return assignment.argsort(stable=True).view(num_experts, capacity)  # cluster by cluster, channel ids ascending
+
+
+def _balanced_assignment(similarity: torch.Tensor, capacity: int) -> torch.Tensor:
+    preferences = similarity.argsort(dim=1, descending=True, stable=True).tolist()
+    order = similarity.max(dim=1).values.argsort(descending=True, stable=True).tolist()
+    counts = [0] * similarity.shape[1]
+    assignment = [0] * len(order)
+    for channel in order:
+        cluster = next(c for c in preferences[channel] if counts[c] < capacity)
+        assignment[channel] = cluster
+        counts[cluster] += 1
+    return torch.tensor(assignment)
+
+
+def fit_router(router: nn.Linear, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+    """Least squares (ridge) ``router(inputs) ~ targets``: inputs (n, d), targets (n, N)."""
+    design = torch.cat([inputs.double(), torch.ones(len(inputs), 1, dtype=torch.float64)], dim=1)  # (n, d + 1)
+    gram = design.T @ design
+    gram += RIDGE * gram.diagonal().mean() * torch.eye(len(gram), dtype=torch.float64)
+    solution = torch.linalg.solve(gram, design.T @ targets.double())  # (d + 1, N)
+    router.weight.copy_(solution[:-1].T.to(router.weight))
+    router.bias.copy_(solution[-1].to(router.bias))
+
+
+@torch.no_grad()
+def initialize(model, routing: SplitMoERouting, calibration_ids: torch.Tensor, method_config: dict, seed: int) -> None:
+    """Partition every MLP and fit its router on the calibration tokens (the run's initialisation)."""
+    inputs, hidden = mlp_activations(model, routing, calibration_ids)
+    generator = torch.Generator().manual_seed(seed)
+    for index, (x, h) in enumerate(zip(inputs, hidden)):
+        magnitude = h.abs()  # (n, I)
+        if method_config["partition"] == "random":
+            partition = random_partition(routing.geometry.intermediate_size, routing.num_experts, generator)
+        else:
+            partition = balanced_kmeans(magnitude.T, routing.num_experts, generator)
+        routing.partition[index] = partition.to(routing.partition.device)
+        log_mass = (magnitude @ routing.membership(index).cpu().T).clamp_min(1e-12).log()  # (n, N)
+        centred = log_mass - log_mass.mean(dim=1, keepdim=True)  # only the ranking within a token matters
+        fit_router(routing.routers[index], x, centred / centred.std().clamp_min(1e-12))

@@ -1,0 +1,103 @@
+"""``tomoe baseline``: a baseline model at a given active ratio, written as a run directory like `tomoe convert`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+from tomoe.config import ATTENTION_MODES
+from tomoe.errors import ToMoEError
+
+DESCRIPTION = """\
+Build a baseline at active ratio P, as a run directory that `tomoe eval RUN_DIR` evaluates like a ToMoE run:
+
+  static-learned    ToMoE with one expert: learned static width pruning (close to DISP-LLM)
+  static-magnitude  training-free static pruning of MLP channels and head dims by activation-weighted magnitude
+                    (structured Wanda on the calibration data); --steps S continues it with S steps of KD
+  split-moe         MoEfication / LLaMA-MoE: MLP channels split into N experts (--partition kmeans|random), a
+                    top-k router trained by KD; N and k default to the split closest to P from below
+
+Training uses `tomoe convert`'s loop, data and presets (--preset paper by default)."""
+
+# Options only some methods take (refused for the others, so nothing is silently ignored).
+METHOD_OPTIONS = {
+    "experts": ("split-moe",),
+    "top_k": ("split-moe",),
+    "partition": ("split-moe",),
+    "attention": ("static-learned", "static-magnitude"),
+    "calibration_blocks": ("static-magnitude", "split-moe"),
+}
+
+
+def register(subparsers) -> None:
+    from tomoe.baselines import BASELINES
+    from tomoe.baselines.split_moe import PARTITIONS
+
+    parser = subparsers.add_parser(
+        "baseline",
+        help="build a baseline (static-learned, static-magnitude, split-moe) as a run directory",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("method", choices=BASELINES, metavar="METHOD", help=f"one of {', '.join(BASELINES)}")
+    parser.add_argument("--target-active", type=float, required=True, metavar="P", help="active ratio p of the decoder weights, in (0, 1]")
+    parser.add_argument("--model", help="hub id, local HF folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--experts", type=int, metavar="N", help="split-moe: experts per MLP, a divisor of its width (default: chosen with k)")
+    parser.add_argument("--top-k", type=int, metavar="K", help="split-moe: experts per token (default: the largest that fits P)")
+    parser.add_argument("--partition", choices=PARTITIONS, help="split-moe: how channels are split (default kmeans)")
+    parser.add_argument("--attention", choices=ATTENTION_MODES, help="static methods: 'dynamic' (default) prunes head dims too; 'none' keeps attention dense")
+    parser.add_argument("--calibration-blocks", type=int, metavar="C", help="static-magnitude, split-moe: training blocks the initialisation reads (default 16)")
+    parser.add_argument("--preset", choices=("quick", "paper"), default="paper", help="training budget as in `tomoe convert` (default paper)")
+    parser.add_argument("--steps", type=int, help="training steps (default: the preset's; static-magnitude: 0, training-free)")
+    parser.add_argument("--seq-len", type=int, metavar="T", help="tokens per sequence (overrides the preset)")
+    parser.add_argument("--batch-size", type=int, metavar="B", help="sequences per step (overrides the preset)")
+    parser.add_argument("--lr", type=float, help="AdamW learning rate (overrides the preset)")
+    parser.add_argument("--data", metavar="SPEC", help="training / calibration data, as for `tomoe convert` (default: embedded)")
+    parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to write")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(run=run)
+
+
+def build_options(args: argparse.Namespace) -> dict:
+    """The method's keyword options for tomoe.baselines.run_baseline; refuses options the method does not take."""
+    options = {}
+    for name, methods in METHOD_OPTIONS.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if args.method not in methods:
+            raise ToMoEError(f"--{name.replace('_', '-')} does not apply to {args.method} (only to {', '.join(methods)}).")
+        options[name] = value
+    return options
+
+
+def build_train_config(args: argparse.Namespace):
+    from tomoe.run import PRESETS, TrainConfig
+
+    values = dict(PRESETS[args.preset], model=args.model, data=args.data, seed=args.seed)
+    if args.method == "static-magnitude":
+        values["steps"] = 0  # training-free unless --steps asks for KD
+    overrides = {"steps": args.steps, "seq_len": args.seq_len, "batch_size": args.batch_size, "lr": args.lr}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    config = TrainConfig(**values)
+    return dataclasses.replace(config, save_every=max(1, min(config.save_every, config.steps)))
+
+
+def run(args: argparse.Namespace) -> int:
+    from tomoe.baselines import run_baseline
+
+    options = build_options(args)
+    began = time.time()
+    info = run_baseline(args.method, args.out, args.target_active, build_train_config(args), resume=args.resume,
+                        progress=not args.quiet, cpu=args.cpu, **options)
+    result = info.result
+    print(
+        f"done in {time.time() - began:.0f} s: {args.out} ({args.method}, {info.train.steps} training steps)\n"
+        f"  active ratio (deterministic) {result['active_ratio']:.3f} (target {info.tomoe.target_active})\n"
+        f"  next: tomoe eval {args.out} --data-dir ../shared/data"
+    )
+    return 0
