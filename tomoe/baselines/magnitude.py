@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tomoe.baselines.calibration import run_dense_with_hooks
 from tomoe.families import Geometry
 from tomoe.patch import ToMoERouting
 
@@ -85,14 +86,7 @@ def magnitude_scores(model, routing: ToMoERouting, input_ids: torch.Tensor, batc
         handles.append(mlp.get_submodule(family.down_proj).register_forward_pre_hook(hook_down(index)))
         handles.append(attention.get_submodule(family.attention_input).register_forward_pre_hook(hook_attention_input(index, weights)))
         handles.append(attention.get_submodule(family.o_proj).register_forward_pre_hook(hook_o(index)))
-    device = next(model.parameters()).device
-    try:
-        with routing.disabled():
-            for start in range(0, len(input_ids), batch_size):
-                model.get_decoder()(input_ids=input_ids[start : start + batch_size].to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_dense_with_hooks(model, routing, input_ids, handles, batch_size)
 
     groups = routing.qk_groups.cpu()
     num_groups = int(groups.max()) + 1

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tomoe.baselines.calibration import run_dense_with_hooks
 from tomoe.config import ToMoEConfig
 from tomoe.errors import ToMoEError
 from tomoe.families import Geometry
@@ -213,14 +214,7 @@ def mlp_activations(model, routing: SplitMoERouting, input_ids: torch.Tensor, ba
         handles.append(mlp.register_forward_pre_hook(lambda m, args, i=index: inputs[i].append(args[0].flatten(0, -2).float().cpu())))
         handles.append(mlp.get_submodule(family.down_proj).register_forward_pre_hook(
             lambda m, args, i=index: hidden[i].append(args[0].flatten(0, -2).float().cpu())))
-    device = next(model.parameters()).device
-    try:
-        with routing.disabled():
-            for start in range(0, len(input_ids), batch_size):
-                model.get_decoder()(input_ids=input_ids[start : start + batch_size].to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_dense_with_hooks(model, routing, input_ids, handles, batch_size)
     return [torch.cat(x) for x in inputs], [torch.cat(h) for h in hidden]
 
 
