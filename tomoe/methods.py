@@ -35,6 +35,8 @@ class Method:
       activations on ``method_config["calibration_blocks"]`` blocks of the training data before training (``None``:
       the routing's own initialisation). Only a method with one may run 0 steps.
     * ``validate(geometry, tomoe_config, method_config)``: refuses settings the method cannot use.
+    * ``tomoe_masks``: whether the routing is ToMoE's (expert masks, Q/K and V/O masks), which `tomoe export` and
+      `tomoe report` read; split-moe's fixed experts and top-k router are not.
     """
 
     name: str
@@ -44,6 +46,7 @@ class Method:
     summarize: Callable | None = None
     initialize: Callable | None = None
     validate: Callable | None = None
+    tomoe_masks: bool = True
 
 
 def _attach_tomoe(model, tomoe_config: ToMoEConfig, method_config: dict):
@@ -62,7 +65,7 @@ METHODS: dict[str, Method] = {
     "static-magnitude": Method("static-magnitude", TOMOE_REGULARIZERS, _attach_tomoe, tomoe_objective,
                                initialize=magnitude.initialize, validate=_one_expert),
     "split-moe": Method("split-moe", split_moe.REGULARIZERS, split_moe.attach, split_moe.objective, split_moe.summarize,
-                        split_moe.initialize, split_moe.validate),
+                        split_moe.initialize, split_moe.validate, tomoe_masks=False),
 }
 
 
@@ -70,3 +73,10 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ToMoEError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}.")
     return METHODS[name]
+
+
+def require_tomoe_masks(method_name: str, run_dir, purpose: str) -> None:
+    """Refuse a run whose method has no ToMoE masks for ``purpose`` (e.g. "an export format", "this report")."""
+    if not get_method(method_name).tomoe_masks:
+        raise ToMoEError(f"{run_dir} is a {method_name} baseline run: it has fixed experts and a top-k router, not the "
+                         f"ToMoE masks {purpose} needs. Evaluate it with `tomoe eval {run_dir}`.")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 from tomoe.config import ATTENTION_MODES
@@ -76,15 +75,10 @@ def build_options(args: argparse.Namespace) -> dict:
 
 
 def build_train_config(args: argparse.Namespace):
-    from tomoe.run import PRESETS, TrainConfig
+    from tomoe.cli.convert import train_config_from_args
 
-    values = dict(PRESETS[args.preset], model=args.model, data=args.data, seed=args.seed)
-    if args.method == "static-magnitude":
-        values["steps"] = 0  # training-free unless --steps asks for KD
-    overrides = {"steps": args.steps, "seq_len": args.seq_len, "batch_size": args.batch_size, "lr": args.lr}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    config = TrainConfig(**values)
-    return dataclasses.replace(config, save_every=max(1, min(config.save_every, config.steps)))
+    # static-magnitude is training-free unless --steps asks for KD.
+    return train_config_from_args(args, **({"steps": 0} if args.method == "static-magnitude" else {}))
 
 
 def run(args: argparse.Namespace) -> int:

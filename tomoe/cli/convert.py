@@ -44,18 +44,24 @@ def register(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
-def build_configs(args: argparse.Namespace):
+# Training flags that override the preset when given (a sub-command may have only some of them).
+TRAIN_OVERRIDES = ("steps", "seq_len", "batch_size", "lr", "grad_accum", "save_every", "log_every")
+
+
+def train_config_from_args(args: argparse.Namespace, **values):
+    """TrainConfig from --preset, then ``values``, then the training flags given on the command line; checkpoints
+    at most every --steps steps (shared by `tomoe convert` and `tomoe baseline`)."""
     from tomoe.run import PRESETS, TrainConfig
 
+    values = dict(PRESETS[args.preset], model=args.model, data=args.data, seed=args.seed, **values)
+    values.update({name: getattr(args, name) for name in TRAIN_OVERRIDES if getattr(args, name, None) is not None})
+    config = TrainConfig(**values)
+    return dataclasses.replace(config, save_every=max(1, min(config.save_every, config.steps)))  # 0 steps: refused or training-free
+
+
+def build_configs(args: argparse.Namespace):
     tomoe_config = ToMoEConfig(target_active=args.target_active, num_experts=args.experts, attention=args.attention)
-    values = dict(PRESETS[args.preset], model=args.model, data=args.data, seed=args.seed, bf16=args.bf16,
-                  gradient_checkpointing=args.gradient_checkpointing, fsdp=args.fsdp)
-    overrides = {"steps": args.steps, "seq_len": args.seq_len, "batch_size": args.batch_size, "lr": args.lr, "grad_accum": args.grad_accum,
-                 "save_every": args.save_every, "log_every": args.log_every}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    train_config = TrainConfig(**values)
-    if train_config.save_every > train_config.steps:
-        train_config = dataclasses.replace(train_config, save_every=max(train_config.steps, 1))  # --steps 0 is refused later
+    train_config = train_config_from_args(args, bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, fsdp=args.fsdp)
     return tomoe_config, train_config
 
 

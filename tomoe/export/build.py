@@ -47,6 +47,7 @@ def check_out_dir(out_dir: Path) -> None:
 def export_run(run_dir: str | Path, out_dir: str | Path, format: str = "tomoe") -> Path:
     from tomoe.export import EXPORT_FORMATS
     from tomoe.loading import load_model, load_tokenizer, resolve_model_source
+    from tomoe.methods import require_tomoe_masks
     from tomoe.run import load_routing, read_run
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -55,8 +56,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, format: str = "tomoe") 
     info = read_run(run_dir)
     if info.status != "finished":
         raise ToMoEError(f"the run {run_dir} is unfinished (status {info.status!r}); finish it with `tomoe convert --resume --out {run_dir}` before exporting.")
-    if info.method == "split-moe":
-        raise ToMoEError(f"{run_dir} is a split-moe baseline run, which has no export format; evaluate it directly with `tomoe eval {run_dir}`.")
+    require_tomoe_masks(info.method, run_dir, "an export format")
     stock = STOCK_FORMATS.get(format)
     if stock is not None:
         stock.check(info)

@@ -217,13 +217,12 @@ def collect_exported(model_dir: Path, text_file: str | Path | None = None) -> Re
 @torch.no_grad()
 def collect_run(run_dir: Path, text_file: str | Path | None = None) -> ReportData:
     from tomoe.measure import summarize_routing
+    from tomoe.methods import require_tomoe_masks
     from tomoe.run import load_run_for_inference, read_log, read_run
 
     text, caption = read_sample_text(text_file)  # before loading a model: bad input fails fast
     info = read_run(run_dir)
-    if info.method == "split-moe":
-        raise ToMoEError(f"{run_dir} is a split-moe baseline run: it has fixed experts and a top-k router, not the ToMoE "
-                         f"masks this report draws. Evaluate it with `tomoe eval {run_dir}`.")
+    require_tomoe_masks(info.method, run_dir, "this report")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_run_for_inference(run_dir, device=device)
     routing = model.tomoe_routing
