@@ -32,6 +32,7 @@ METHOD_OPTIONS = {
 def register(subparsers) -> None:
     from tomoe.baselines import BASELINES
     from tomoe.baselines.split_moe import PARTITIONS
+    from tomoe.cli.convert import add_training_arguments
 
     parser = subparsers.add_parser(
         "baseline",
@@ -40,24 +41,13 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("method", choices=BASELINES, metavar="METHOD", help=f"one of {', '.join(BASELINES)}")
+    add_training_arguments(parser, steps_help="training steps (default: the preset's; static-magnitude: 0, training-free)")
     parser.add_argument("--target-active", type=float, required=True, metavar="P", help="active ratio p of the decoder weights, in (0, 1]")
-    parser.add_argument("--model", help="hub id, local HF folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--experts", type=int, metavar="N", help="split-moe: experts per MLP, a divisor of its width (default: chosen with k)")
     parser.add_argument("--top-k", type=int, metavar="K", help="split-moe: experts per token (default: the largest that fits P)")
     parser.add_argument("--partition", choices=PARTITIONS, help="split-moe: how channels are split (default kmeans)")
     parser.add_argument("--attention", choices=ATTENTION_MODES, help="static methods: 'dynamic' (default) prunes head dims too; 'none' keeps attention dense")
     parser.add_argument("--calibration-blocks", type=int, metavar="C", help="static-magnitude, split-moe: training blocks the initialisation reads (default 16)")
-    parser.add_argument("--preset", choices=("quick", "paper"), default="paper", help="training budget as in `tomoe convert` (default paper)")
-    parser.add_argument("--steps", type=int, help="training steps (default: the preset's; static-magnitude: 0, training-free)")
-    parser.add_argument("--seq-len", type=int, metavar="T", help="tokens per sequence (overrides the preset)")
-    parser.add_argument("--batch-size", type=int, metavar="B", help="sequences per step (overrides the preset)")
-    parser.add_argument("--lr", type=float, help="AdamW learning rate (overrides the preset)")
-    parser.add_argument("--data", metavar="SPEC", help="training / calibration data, as for `tomoe convert` (default: embedded)")
-    parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to write")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
 
 

@@ -16,17 +16,10 @@ def register(subparsers) -> None:
         description="Distil a frozen dense decoder into its own Mixture-of-Experts routing (ToMoE, Sec. 3). "
         "Defaults follow the paper: N=8 experts, target active ratio 0.5, tau 0.4, offset 3, alpha 16, beta 2, gamma 1, AdamW lr 1e-3.",
     )
-    parser.add_argument("--model", help="hub id, local HF folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    add_training_arguments(parser)
     parser.add_argument("--target-active", type=float, default=0.5, metavar="P", help="active ratio p of the decoder weights, in (0, 1] (default 0.5)")
     parser.add_argument("--experts", type=int, default=8, metavar="N", help="experts per MLP (default 8)")
     parser.add_argument("--attention", choices=ATTENTION_MODES, default="dynamic", help="'dynamic': static Q/K + per-token V/O masks; 'none': attention stays dense")
-    parser.add_argument("--preset", choices=("quick", "paper"), default="paper", help="'quick': ~15 min on a 2-core CPU; 'paper': 10k steps x 2048 tokens (default)")
-    parser.add_argument("--steps", type=int, help="training steps (overrides the preset)")
-    parser.add_argument("--seq-len", type=int, metavar="T", help="tokens per sequence (overrides the preset)")
-    parser.add_argument("--batch-size", type=int, metavar="B", help="sequences per micro-batch and process (overrides the preset)")
-    parser.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-3)")
-    parser.add_argument("--data", metavar="SPEC", help="training data: 'embedded' (default), 'paper', or files / hf: datasets (see README)")
-    parser.add_argument("--seed", type=int, default=0, help="seed; a CPU run with the same seed is reproducible (default 0)")
     parser.add_argument("--grad-accum", type=int, metavar="K", help="micro-batches accumulated per step and process (default 1); "
                         "a step sees batch-size x processes x K sequences")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
@@ -35,13 +28,25 @@ def register(subparsers) -> None:
                         "pass: less activation memory, ~1/3 more compute; same result (may be switched on for --resume)")
     parser.add_argument("--fsdp", action="store_true", help="with several processes (torchrun / accelerate launch): shard the "
                         "frozen decoder layers over them instead of a full copy each (may be switched on for --resume)")
-    parser.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
     parser.add_argument("--save-every", type=int, metavar="S", help="steps between checkpoints (default: the preset's, at most --steps)")
     parser.add_argument("--log-every", type=int, metavar="S", help="steps between log lines (default: the preset's)")
+    parser.set_defaults(run=run)
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, steps_help: str = "training steps (overrides the preset)") -> None:
+    """The model, data, budget and run-directory flags every training sub-command takes (convert, baseline)."""
+    parser.add_argument("--model", help="hub id, local HF folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--data", metavar="SPEC", help="training data: 'embedded' (default), 'paper', or files / hf: datasets (see README)")
+    parser.add_argument("--preset", choices=("quick", "paper"), default="paper", help="'quick': ~15 min on a 2-core CPU; 'paper': 10k steps x 2048 tokens (default)")
+    parser.add_argument("--steps", type=int, help=steps_help)
+    parser.add_argument("--seq-len", type=int, metavar="T", help="tokens per sequence (overrides the preset)")
+    parser.add_argument("--batch-size", type=int, metavar="B", help="sequences per micro-batch and process (overrides the preset)")
+    parser.add_argument("--lr", type=float, help="AdamW learning rate (overrides the preset; paper 1e-3, quick 1e-2)")
+    parser.add_argument("--seed", type=int, default=0, help="seed; a CPU run with the same seed and thread count is reproducible (default 0)")
+    parser.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to write")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.set_defaults(run=run)
 
 
 # Training flags that override the preset when given (a sub-command may have only some of them).
