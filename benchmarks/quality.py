@@ -91,6 +91,16 @@ def settings_from(args: argparse.Namespace) -> dict:
     return {"methods": methods, "ratios": ratios, "budget_name": args.budget, **budget}
 
 
+def budget_train_config(budget_name: str, settings: dict | None = None):
+    """The TrainConfig every trained method gets under a budget (``settings`` may override its steps)."""
+    from tomoe.run import PRESETS, TrainConfig
+
+    settings = settings or BUDGETS[budget_name]
+    preset = PRESETS["quick" if budget_name == "quick" else "paper"]
+    train_config = TrainConfig(**{**preset, **{k: settings[k] for k in ("steps", "seq_len", "batch_size", "lr")}})
+    return dataclasses.replace(train_config, save_every=min(train_config.save_every, train_config.steps))
+
+
 # ------------------------------------------------------------------------------------------------ models
 def build_run(method: str, target: float, train_config, run_dir: Path, progress: bool, cpu: bool):
     """Train (or finish, or just read) the run directory of ``method`` at ``target``; returns its RunInfo."""
@@ -242,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
     from tomoe.evaluate import TASK_METRICS
     from tomoe.evaluate.data import ppl_rows, resolve_data_dir
     from tomoe.evaluate.zeroshot import local_task_root
-    from tomoe.run import PRESETS, TrainConfig, atomic_write_text
+    from tomoe.run import atomic_write_text
 
     settings = settings_from(args)
     data_dir = resolve_data_dir(args.data_dir)
@@ -254,9 +264,7 @@ def run(args: argparse.Namespace) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     machine = (torch.cuda.get_device_name() if device == "cuda" else f"cpu ({os.cpu_count()} cores, {platform.machine()})") + f", torch {torch.__version__}"
     command = " ".join(["python benchmarks/quality.py", *argv_of(args)])
-    preset = PRESETS["quick" if settings["budget_name"] == "quick" else "paper"]
-    train_config = TrainConfig(**{**preset, **{k: settings[k] for k in ("steps", "seq_len", "batch_size", "lr")}})
-    train_config = dataclasses.replace(train_config, save_every=min(train_config.save_every, train_config.steps))
+    train_config = budget_train_config(settings["budget_name"], settings)
     work, out = Path(args.work_dir), Path(args.out_dir)
     evals = f"w{settings['ppl_windows'] or 'all'}-l{settings['limit'] or 'all'}"
     budget = f"s{settings['steps']}x{settings['batch_size']}x{settings['seq_len']}-lr{settings['lr']:g}"

@@ -20,6 +20,8 @@ import platform
 import sys
 from pathlib import Path
 
+from quality import BUDGETS, budget_train_config  # the benchmark these ablations explain (same folder)
+
 REPO = Path(__file__).resolve().parents[1]
 # variant -> (ToMoEConfig changes, TrainConfig changes)
 VARIANTS: dict[str, tuple[dict, dict]] = {
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
     parser.add_argument("--target", type=float, default=0.7, help="target active ratio p (default 0.7)")
-    parser.add_argument("--ppl-windows", type=int, default=8, help="perplexity over the first W windows of 2048 tokens")
+    parser.add_argument("--ppl-windows", type=int, default=BUDGETS["quick"]["ppl_windows"], help="perplexity over the first W windows of 2048 tokens")
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--work-dir", default=str(REPO / "runs" / "quality_ablations"))
@@ -54,11 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     from tomoe.config import ToMoEConfig
     from tomoe.evaluate import evaluate_perplexity, load_model_for_eval
     from tomoe.evaluate.data import ppl_rows, resolve_data_dir
-    from tomoe.run import PRESETS, TrainConfig, atomic_write_text
+    from tomoe.run import atomic_write_text
     from tomoe.train import convert
 
     _, wikitext, _ = ppl_rows("wikitext2", None, resolve_data_dir(args.data_dir))
-    quick = TrainConfig(**{**PRESETS["quick"], "steps": 60, "save_every": 60})
+    quick = budget_train_config("quick")
     out, work = Path(args.out_dir), Path(args.work_dir)
     rows = []
     print("| variant | active ratio | WikiText-2 ppl | final KD | train tokens |\n|---|---:|---:|---:|---:|", flush=True)
