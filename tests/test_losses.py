@@ -6,7 +6,18 @@ import torch
 import torch.nn.functional as F
 
 from tomoe.config import ToMoEConfig
-from tomoe.losses import active_ratio, kd_loss, layer_widths, load_balance_loss, log_ratio_loss, union_loss
+from tomoe.losses import (
+    Widths,
+    active_ratio,
+    attention_floor_loss,
+    budget_target,
+    kd_loss,
+    layer_widths,
+    load_balance_loss,
+    log_ratio_loss,
+    union_loss,
+)
+from tomoe.nn import MLPRouting
 from tomoe.patch import ForwardState, attach
 
 
@@ -58,7 +69,7 @@ def test_load_balance_hand_computation():
     one_hot = torch.tensor([[[1.0, 0], [1, 0], [0, 1]]])  # F = (2/3, 1/3)
     probs = torch.tensor([[[0.9, 0.1], [0.6, 0.4], [0.3, 0.7]]])  # P = (0.6, 0.4)
     state = _state([torch.ones(2, 4)], routes=[(one_hot, probs)])
-    expected = 2 * (2 / 3 * 0.6 + 1 / 3 * 0.4)
+    expected = 2 / 3 * 0.6 + 1 / 3 * 0.4  # sum_i F_i P_i, the reference's scale (Eq. 9 without its factor N)
     assert math.isclose(load_balance_loss(state, torch.ones(1, 3, dtype=torch.bool)).item(), expected, rel_tol=1e-6)
 
 
@@ -81,7 +92,40 @@ def test_active_ratio_equals_brute_force_count_of_kept_weights(tiny_llama):
         k_vo = int(torch.round(state.vo_masks[index].sum(-1).mean()).item())
         hd, d = geo.head_dim, geo.hidden_size
         kept += attn.q_proj.weight.view(-1, hd, d)[:, qk].numel() + attn.k_proj.weight.view(-1, hd, d)[:, qk].numel()
-        kept += attn.v_proj.weight.view(-1, hd, d)[:, :k_vo].numel() + attn.o_proj.weight.view(d, -1, hd)[:, :, :k_vo].numel()
+        # v_proj is computed whole (its rows serve every later query); o_proj reads the K kept dims of each head.
+        kept += attn.v_proj.weight.numel() + attn.o_proj.weight.view(d, -1, hd)[:, :, :k_vo].numel()
         total += sum(m.weight.numel() for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
     assert 0.05 < kept / total < 0.95
     assert math.isclose(ratio, kept / total, rel_tol=1e-6)
+
+
+def test_budget_target_anneals_from_one_to_target_over_the_warmup():
+    assert budget_target(0.5, 0.0, 0.5) == 1.0
+    assert math.isclose(budget_target(0.5, 0.25, 0.5), 0.75)
+    assert budget_target(0.5, 0.5, 0.5) == 0.5
+    assert budget_target(0.5, 0.9, 0.5) == 0.5
+    assert budget_target(0.5, 0.0, 0.0) == 0.5  # no warm-up: the target from the first step
+
+
+def test_attention_floor_loss_hand_computation(tiny_llama):
+    geo = attach(tiny_llama, ToMoEConfig()).geometry
+    hd = geo.head_dim
+    full, half = torch.tensor(float(hd)), torch.tensor(hd / 2)
+    widths = Widths(mlp=[full, full], qk=[full, half], vo=[full, half])
+    ratio = geo.attention_params(hd / 2, hd / 2) / geo.attention_params(hd, hd)  # layer 1; layer 0 is dense
+    expected = max(0.0, math.log(0.9) - math.log(ratio)) / 2
+    assert expected > 0
+    assert math.isclose(attention_floor_loss(widths, geo, 0.9).item(), expected, rel_tol=1e-6)
+    assert attention_floor_loss(widths, geo, ratio * 0.99).item() == 0.0  # both layers above the floor
+
+
+def test_token_masks_draw_per_token_noise_from_the_routed_experts_logits():
+    torch.manual_seed(0)
+    logits = torch.stack([torch.full((64,), -3.0), torch.full((64,), -100.0)])  # expert 0 keeps w.p. 1 - 1/e
+    one_hot = F.one_hot(torch.tensor([[0, 0, 0, 1]]), 2).float()  # (B=1, T=4, N=2)
+    masks = MLPRouting.token_masks(one_hot, logits, tau=0.4, offset=3.0)
+    assert masks.shape == (1, 4, 64)
+    assert masks[0, 3].sum() == 0  # routed to expert 1, which keeps nothing
+    kept = masks[0, :3]
+    assert not torch.equal(kept[0], kept[1]) and not torch.equal(kept[1], kept[2])  # each token has its own sample
+    assert abs(kept.mean().item() - (1 - math.exp(-1))) < 0.15

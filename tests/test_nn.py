@@ -1,5 +1,7 @@
 """Routing modules: shapes and straight-through semantics."""
 
+import math
+
 import torch
 
 from tomoe.config import ToMoEConfig
@@ -45,9 +47,11 @@ def test_gumbel_sigmoid_exact_binary_offset_and_gradient():
     soft = torch.sigmoid((logits.detach() + 3.0) / 0.4)
     torch.testing.assert_close(logits.grad, soft * (1 - soft) / 0.4)
     torch.manual_seed(0)
-    noisy = st_gumbel_sigmoid(torch.zeros(10_000), tau=0.4, offset=3.0)
-    # P(x + logistic noise + 3 > 0) = sigmoid(3) = 0.953 for x = 0.
-    assert abs(noisy.mean().item() - torch.sigmoid(torch.tensor(3.0)).item()) < 0.01
+    # Eq. 15: one Gumbel(0, 1) sample g per entry, so P(x + g + b > 0) = 1 - exp(-exp(x + b)). (The logistic noise
+    # of a binary Gumbel-softmax would give sigmoid(x + b) instead: 0.5 at x = -3.)
+    for x in (-4.0, -3.0, -2.0):
+        noisy = st_gumbel_sigmoid(torch.full((20_000,), x), tau=0.4, offset=3.0)
+        assert abs(noisy.mean().item() - (1 - math.exp(-math.exp(x + 3.0)))) < 0.01
 
 
 def test_module_shapes():
@@ -56,10 +60,13 @@ def test_module_shapes():
     assert embeddings.shape == (6, 8, 128)
     assert not hypernet.z.requires_grad and "z" in hypernet.state_dict()
     mlp = MLPRouting(hidden_size=64, intermediate_size=96, num_experts=8, embed_dim=128)
-    masks = mlp.expert_masks(embeddings[1], tau=0.4, offset=3.0, stochastic=True)
+    logits = mlp.mask_proj(embeddings[1])
+    masks = mlp.expert_masks(logits, tau=0.4, offset=3.0, stochastic=True)
     assert masks.shape == (8, 96)
     one_hot, probs = mlp.route(torch.randn(2, 5, 64), tau=0.4, stochastic=True)
     assert one_hot.shape == probs.shape == (2, 5, 8)
+    token_masks = mlp.token_masks(one_hot, logits, tau=0.4, offset=3.0)
+    assert token_masks.shape == (2, 5, 96)
     assert mlp.router.bias is None
     attention = AttentionRouting(hidden_size=64, head_dim=16, num_qk_groups=8, embed_dim=128)
     mean = embeddings[0].mean(0)

@@ -29,6 +29,9 @@ class ToMoEConfig:
     alpha: float = 16.0  # weight of the parameter-budget loss R_P
     beta: float = 2.0  # weight of the union loss R_U
     gamma: float = 1.0  # weight of the load-balancing loss R_L
+    kd_weight: float = 2.0  # weight of the KD term in Eq. 10: 2, as in the reference implementation's train_tomoe.py
+    budget_warmup: float = 0.5  # R_P's target anneals from 1 to target_active over this fraction of the steps
+    attention_floor: float = 0.0  # each layer's attention keeps at least this fraction of its weights (0: no floor)
     hypernet_seed: int = 0  # seed of the fixed hypernetwork inputs z
 
     def __post_init__(self) -> None:
@@ -41,6 +44,12 @@ class ToMoEConfig:
             raise ToMoEError(f"number of experts must be an integer >= 1, got {self.num_experts!r}.")
         if self.attention not in ATTENTION_MODES:
             raise ToMoEError(f"attention mode must be one of {', '.join(ATTENTION_MODES)}, got {self.attention!r}.")
+        for name in ("budget_warmup", "attention_floor"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ToMoEError(f"{name.replace('_', '-')} must be a number in [0, 1], got {value!r}.")
+        if not isinstance(self.kd_weight, (int, float)) or not self.kd_weight > 0 or self.kd_weight == float("inf"):
+            raise ToMoEError(f"kd-weight must be a finite number > 0, got {self.kd_weight!r}.")
         if self.tau <= 0:
             raise ToMoEError(f"tau must be > 0, got {self.tau!r}.")
         if self.expert_embed_dim != 2 * self.hypernet_hidden_dim:

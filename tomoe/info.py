@@ -92,7 +92,7 @@ def model_info(model_dir: str | Path, text: str | None = None) -> dict:
         useful = _useful_widths(experts)  # (N,) channels that are not zero padding
         qk = _qk_dims(layer.self_attn, heads, kv_heads, head_dim)
         vo = config.vo_topk[index] if kind == "tomoe" else head_dim
-        attention = hidden * (heads + kv_heads) * (qk + vo)
+        attention = hidden * ((heads + kv_heads) * qk + kv_heads * head_dim + heads * vo)  # v_proj is computed whole
         per_token_decoder += (3 * hidden * useful[routed[index]] + attention).double()
         layers.append({"layer": index, "expert_widths": useful.tolist(), "stored_width": experts.gate_up_proj.shape[1] // 2, "qk_dims": qk, "vo_topk": vo})
     stored_decoder = sum(_decoder_weights(layer, kind) for layer in model.model.layers)

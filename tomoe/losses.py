@@ -1,4 +1,4 @@
-"""The training objective (Eq. 10): KD + alpha * R_P + beta * R_U + gamma * R_L.
+"""The training objective (Eq. 10): kd_weight * KD + alpha * R_P + beta * R_U + gamma * R_L.
 
 Every function takes the :class:`~tomoe.patch.ForwardState` of the student forward pass and a boolean
 ``token_mask`` (B, T) marking the non-padding tokens.
@@ -98,25 +98,57 @@ def union_loss(state: ForwardState, token_mask: torch.Tensor) -> torch.Tensor:
 
 
 def load_balance_loss(state: ForwardState, token_mask: torch.Tensor) -> torch.Tensor:
-    """R_L (Eq. 9): N * sum_i F_i P_i of the Switch Transformer, averaged over MLP layers."""
+    """R_L: sum_i F_i P_i, averaged over MLP layers (1/N when balanced).
+
+    Eq. 9 writes the Switch Transformer's N * sum_i F_i P_i; the reference implementation computes sum_i F_i P_i
+    (the values of R_L in the paper's Fig. 3, about 0.15 at N = 8, are on that scale), and that is what the paper's
+    gamma = 1 was tuned with.
+    """
     losses = []
     for one_hot, probs in state.routes:
         fraction = _token_mean(one_hot.detach(), token_mask)  # F_i: share of tokens routed to expert i
         probability = _token_mean(probs, token_mask)  # P_i: mean router probability of expert i
-        losses.append(one_hot.shape[-1] * (fraction * probability).sum())
+        losses.append((fraction * probability).sum())
     return torch.stack(losses).mean()
+
+
+def attention_floor_loss(widths: Widths, geometry: Geometry, floor: float) -> torch.Tensor:
+    """Mean over layers of log(floor / x) where a layer's attention keeps a fraction x < floor of its weights, else 0.
+
+    The share of the budget attention may give up: without it, the budget loss cuts attention first on models
+    whose heads are small (64 dims), where a dim costs few parameters and much quality.
+    """
+    dense = geometry.attention_params(geometry.head_dim, geometry.head_dim)
+    ratios = torch.stack([geometry.attention_params(qk, vo) / dense for qk, vo in zip(widths.qk, widths.vo)])
+    return (math.log(floor) - torch.log(ratios.clamp_min(1e-12))).clamp_min(0).mean()
+
+
+def budget_target(target: float, progress: float, warmup: float) -> float:
+    """The R_P target after a fraction ``progress`` of the training steps: 1 -> ``target`` linearly over ``warmup``.
+
+    Meeting the budget before distillation has any signal lets R_P alone decide which structures are cut; the
+    annealed target lets KD steer the cut as it happens.
+    """
+    if warmup <= 0 or progress >= warmup:
+        return target
+    return 1.0 - (1.0 - target) * progress / warmup
 
 
 def tomoe_objective(routing: ToMoERouting, token_mask: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The regularisers of Eq. 10 for the last student forward of a ToMoE routing, weighted, and its active ratio.
 
-    Returns ``({"r_p": alpha R_P, "r_u": beta R_U, "r_l": gamma R_L}, active ratio)``; the training loss is KD
-    plus their sum.
+    Returns ``({"r_p": alpha R_P, "r_u": beta R_U, "r_l": gamma R_L}, active ratio)``; the training loss is
+    ``kd_weight`` KD plus their sum. R_P aims at ``routing.budget_target`` (the annealed target during training)
+    and includes the attention floor.
     """
     cfg, geometry, state = routing.config, routing.geometry, routing.state
-    ratio = active_ratio(layer_widths(state, geometry, token_mask), geometry)
+    widths = layer_widths(state, geometry, token_mask)
+    ratio = active_ratio(widths, geometry)
+    budget = log_ratio_loss(ratio, routing.budget_target)
+    if routing.dynamic_attention and cfg.attention_floor > 0:
+        budget = budget + attention_floor_loss(widths, geometry, cfg.attention_floor)
     regularizers = {
-        "r_p": cfg.alpha * log_ratio_loss(ratio, cfg.target_active),
+        "r_p": cfg.alpha * budget,
         "r_u": cfg.beta * union_loss(state, token_mask),
         "r_l": cfg.gamma * load_balance_loss(state, token_mask),
     }

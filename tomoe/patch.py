@@ -41,6 +41,7 @@ class ForwardState:
     routes: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)  # per layer (G, P): (B, T, N)
     vo_masks: list[torch.Tensor | None] = field(default_factory=list)  # per layer (B, T, head_dim)
     channel_masks: list[torch.Tensor | None] = field(default_factory=list)  # per layer (B, T, intermediate)
+    expert_logits: list[torch.Tensor | None] = field(default_factory=list)  # per layer (N, intermediate): Proj_D(E)
 
 
 class HookedRouting(nn.Module):
@@ -85,12 +86,19 @@ class HookedRouting(nn.Module):
         return layers
 
     def _mlp_mask_hook(self, index: int):
-        """Multiplies the input of down_proj, the intermediate activation, by ``state.channel_masks[index]``."""
+        """Multiplies the input of down_proj, the intermediate activation ``act(gate) * up``, by the channel mask.
+
+        The mask enters squared: that is the mask applied to ``act(gate)`` and to ``up`` separately, as the reference
+        implementation does. The forward value is the same (the mask is 0/1); the straight-through gradient reaching a
+        kept channel's mask is twice that of a single product, which sets the balance between KD and the
+        regularisers on the MLP masks to the reference's.
+        """
 
         def hook(module, args):
             if self.state is None:
                 return None
-            return (args[0] * self.state.channel_masks[index].to(args[0].dtype),) + args[1:]
+            mask = self.state.channel_masks[index].to(args[0].dtype)
+            return (args[0] * (mask * mask),) + args[1:]
 
         return hook
 
@@ -127,6 +135,7 @@ class ToMoERouting(HookedRouting):
             else None
         )
         self.vo_topk: list[int] | None = None  # per layer K of the inference-time V/O top-K, set after training
+        self.budget_target = config.target_active  # R_P's current target; the training loop anneals it
         self.state: ForwardState | None = None
         self._attach_hooks(model)
         self.to(next(model.parameters()).device)
@@ -157,8 +166,9 @@ class ToMoERouting(HookedRouting):
         cfg, num_layers = self.config, self.geometry.num_layers
         embeddings = self.hypernet()  # (structures, N, d_e)
         mlp_embeddings = self._mlp_embeddings(embeddings)
+        expert_logits = [routing.mask_proj(mlp_embeddings[i]) for i, routing in enumerate(self.mlp)]  # (N, intermediate) each
         expert_masks = [
-            routing.expert_masks(mlp_embeddings[i], cfg.tau, cfg.mask_offset, self.stochastic)
+            routing.expert_masks(expert_logits[i], cfg.tau, cfg.mask_offset, self.stochastic)
             for i, routing in enumerate(self.mlp)
         ]
         qk_masks: list = [None] * num_layers
@@ -167,7 +177,8 @@ class ToMoERouting(HookedRouting):
             for i, routing in enumerate(self.attention):
                 means[i] = embeddings[2 * i].mean(dim=0)  # (1/N) 1^T E
                 qk_masks[i] = routing.qk_mask(means[i], cfg.tau, cfg.mask_offset, self.stochastic)[self.qk_groups]
-        return ForwardState(expert_masks, qk_masks, means, [None] * num_layers, [None] * num_layers, [None] * num_layers)
+        return ForwardState(expert_masks, qk_masks, means, [None] * num_layers, [None] * num_layers, [None] * num_layers,
+                            expert_logits)
 
     def _mlp_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
         # Structures are ordered attention, MLP, attention, MLP, ... (or MLP only when attention stays dense).
@@ -190,7 +201,12 @@ class ToMoERouting(HookedRouting):
             routing = self.mlp[index]
             one_hot, probs = routing.route(hidden.to(routing.router.weight.dtype), self.config.tau, self.stochastic)
             self.state.routes[index] = (one_hot, probs)
-            self.state.channel_masks[index] = one_hot @ self.state.expert_masks[index]  # (B, T, intermediate)
+            if self.stochastic:  # every token draws its own mask from its expert's logits
+                cfg = self.config
+                masks = routing.token_masks(one_hot, self.state.expert_logits[index], cfg.tau, cfg.mask_offset)
+            else:
+                masks = one_hot @ self.state.expert_masks[index]
+            self.state.channel_masks[index] = masks  # (B, T, intermediate)
             return None
 
         return hook

@@ -42,10 +42,10 @@ from tqdm.auto import tqdm
 from tomoe.config import ToMoEConfig
 from tomoe.errors import ToMoEError
 from tomoe.families import get_family
-from tomoe.losses import kd_loss, tomoe_objective
+from tomoe.losses import budget_target, kd_loss, tomoe_objective
 from tomoe.measure import summarize_routing
 from tomoe.methods import Method, get_method
-from tomoe.patch import HookedRouting
+from tomoe.patch import HookedRouting, ToMoERouting
 from tomoe.run import (
     EXECUTION_SETTINGS,
     RunInfo,
@@ -63,9 +63,10 @@ POSTFIX = {"r_p": "R_P", "r_u": "R_U", "r_l": "R_L", "active_ratio": "active"}  
 
 
 def training_step(model, routing: HookedRouting, input_ids: torch.Tensor, attention_mask: torch.Tensor, kd_chunk_tokens: int = 1024,
-                  objective=tomoe_objective) -> dict[str, torch.Tensor]:
-    """One forward of teacher and student; returns ``loss`` (KD plus the objective's weighted regularisers), ``kd``,
-    each regulariser and ``active_ratio``. ``objective`` is the method's (tomoe.methods); by default ToMoE's."""
+                  objective=tomoe_objective, kd_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """One forward of teacher and student; returns ``loss`` (``kd_weight`` KD plus the objective's weighted
+    regularisers), ``kd`` (unweighted), each regulariser and ``active_ratio``. ``objective`` is the method's
+    (tomoe.methods); by default ToMoE's."""
     decoder = model.get_decoder()
     token_mask = attention_mask.bool()
     with torch.no_grad(), routing.disabled():  # the teacher is the same weights with routing off
@@ -73,7 +74,7 @@ def training_step(model, routing: HookedRouting, input_ids: torch.Tensor, attent
     student = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     kd = kd_loss(student, teacher, lambda hidden: routing.family.logits(model, hidden), token_mask, kd_chunk_tokens)
     regularizers, ratio = objective(routing, token_mask)
-    return {"loss": sum(regularizers.values(), kd), "kd": kd, **regularizers, "active_ratio": ratio}
+    return {"loss": sum(regularizers.values(), kd_weight * kd), "kd": kd, **regularizers, "active_ratio": ratio}
 
 
 def loss_terms(method: Method) -> tuple[str, ...]:
@@ -234,16 +235,21 @@ def convert(
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=tc.bf16)
     params = [p for p in routing.parameters() if p.requires_grad]
     names = loss_terms(method)
+    # kd_weight belongs to ToMoE's objective (Eq. 10); split-moe keeps its own KD + R_L balance.
+    kd_weight = tomoe_config.kd_weight if method.tomoe_masks else 1.0
     began = time.time()
     for step in range(start, tc.steps):
         batch = sampler.batch(step)  # the global batch, the same on every process
+        if isinstance(routing, ToMoERouting):
+            routing.budget_target = budget_target(tomoe_config.target_active, step / tc.steps, tomoe_config.budget_warmup)
         sums = torch.zeros(len(names), device=device)
         for micro in range(tc.grad_accum):
             index = rank * tc.grad_accum + micro  # this micro-batch's place in the global batch
             input_ids = batch[index * tc.batch_size : (index + 1) * tc.batch_size].to(device)
             torch.manual_seed(noise_seed(tc.seed, step, index))
             with autocast:
-                terms = training_step(model, routing, input_ids, torch.ones_like(input_ids), tc.kd_chunk_tokens, method.objective)
+                terms = training_step(model, routing, input_ids, torch.ones_like(input_ids), tc.kd_chunk_tokens, method.objective,
+                                      kd_weight)
             (terms["loss"] / tc.grad_accum).backward()
             sums += torch.stack([terms[name].detach().float() for name in names])
 
@@ -271,6 +277,8 @@ def convert(
         if main and (done % tc.log_every == 0 or done == tc.steps):
             record = {"step": done, **values, "grad_norm": round(grad_norm.item(), 6), "lr": tc.lr,
                       "tokens": done * global_batch * tc.seq_len, "elapsed_s": round(time.time() - began, 2)}
+            if isinstance(routing, ToMoERouting):
+                record["budget_target"] = round(routing.budget_target, 6)
             append_log(run_dir, record)
         if done % tc.save_every == 0 or done == tc.steps:
             if main:

@@ -26,9 +26,13 @@ class Geometry:
         return 3 * self.hidden_size
 
     def attention_params(self, qk_dims: torch.Tensor | float, vo_dims: torch.Tensor | float):
-        """Weights of q/k/v/o when each head keeps ``qk_dims`` query/key dims and ``vo_dims`` value dims."""
-        heads = self.num_heads + self.num_kv_heads
-        return self.hidden_size * heads * (qk_dims + vo_dims)
+        """Weights of q/k/v/o a token uses when each head keeps ``qk_dims`` query/key dims and ``vo_dims`` output dims.
+
+        q and k are sliced to ``qk_dims``; the V/O mask acts on each head's attention output, so o_proj reads
+        ``vo_dims`` columns while v_proj is computed whole (its rows feed every later query, whose masks differ).
+        """
+        per_head = (self.num_heads + self.num_kv_heads) * qk_dims + self.num_kv_heads * self.head_dim + self.num_heads * vo_dims
+        return self.hidden_size * per_head
 
     @property
     def dense_params_per_layer(self) -> int:

@@ -32,14 +32,15 @@ def st_gumbel_softmax(logits: torch.Tensor, tau: float, stochastic: bool = True)
 
 
 def st_gumbel_sigmoid(logits: torch.Tensor, tau: float, offset: float, stochastic: bool = True) -> torch.Tensor:
-    """Binary keep-mask ``round(sigmoid((x + g + b) / tau))``.
+    """Binary keep-mask ``round(sigmoid((x + g + b) / tau))`` of Eq. 15, one Gumbel(0, 1) sample ``g`` per entry.
 
-    The binary Gumbel-softmax over logits ``[x, 0]`` reduces to a sigmoid whose noise is the difference of two
-    Gumbel samples (a logistic sample), which is what is drawn here.
+    A single Gumbel sample, as Eq. 15 and the reference implementation draw it (not the logistic difference of two
+    samples that a binary Gumbel-softmax would give): its heavier right tail keeps the initial masks, offset b = 3,
+    close to all-ones, so the student starts next to its teacher.
     """
     shifted = logits + offset
     if stochastic:
-        shifted = shifted + _gumbel_like(logits) - _gumbel_like(logits)
+        shifted = shifted + _gumbel_like(logits)
     soft = torch.sigmoid(shifted / tau)
     hard = (shifted > 0).to(soft.dtype)  # sigmoid(v / tau) > 0.5  <=>  v > 0
     return _straight_through(hard, soft)

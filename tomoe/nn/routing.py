@@ -24,17 +24,26 @@ class MLPRouting(nn.Module):
         self.router = nn.Linear(hidden_size, num_experts, bias=False)
         self.mask_proj = MaskProjection(embed_dim, intermediate_size)
 
-    def expert_masks(self, embeddings: torch.Tensor, tau: float, offset: float, stochastic: bool) -> torch.Tensor:
-        """(N, d_e) expert embeddings -> (N, intermediate) binary channel masks s_e (Eq. 11).
+    def expert_masks(self, logits: torch.Tensor, tau: float, offset: float, stochastic: bool) -> torch.Tensor:
+        """(N, intermediate) mask logits ``Proj_D(E)`` -> binary channel masks s_e (Eq. 11), one per expert.
 
         Deterministic masks are padded: every expert keeps as many channels as the layer's widest expert, taking its
         top-scoring channels (App. E), so all experts of a layer cost the same.
         """
-        logits = self.mask_proj(embeddings)
         if stochastic:
             return st_gumbel_sigmoid(logits, tau, offset, stochastic)
         width = int((logits + offset > 0).sum(dim=-1).max())
         return top_k_mask(logits, width)
+
+    @staticmethod
+    def token_masks(one_hot: torch.Tensor, logits: torch.Tensor, tau: float, offset: float) -> torch.Tensor:
+        """Training-time channel mask of every token: its routed expert's logits with the token's own Gumbel noise.
+
+        ``one_hot`` (..., N) routes each token to one row of ``logits`` (N, intermediate); as in the reference
+        implementation each token then draws its own noise sample (Eq. 3 applied per token), so one unlucky sample
+        does not drop a channel for the whole batch. Returns (..., intermediate).
+        """
+        return st_gumbel_sigmoid(one_hot @ logits, tau, offset, stochastic=True)
 
     def route(self, hidden: torch.Tensor, tau: float, stochastic: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(..., d) MLP inputs -> one-hot expert choice G and the soft probabilities P, both (..., N)."""
