@@ -1,5 +1,5 @@
-"""Baselines (tomoe.baselines): magnitude scores and static masks, split-moe partitions, routing and ratios, their
-run directories through the normal loop and evaluation, and bad input."""
+"""Baselines (tomoe.baselines): magnitude scores and static masks, split-moe partitions, routing and ratios, TEAL's
+thresholds and gather decode, their run directories through the normal loop and evaluation, and bad input."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tomoe.baselines import magnitude, run_baseline, run_split_moe, run_static_learned, run_static_magnitude, split_moe
+from tomoe.baselines import magnitude, run_baseline, run_split_moe, run_static_learned, run_static_magnitude, run_teal, split_moe, teal
 from tomoe.cli import main
 from tomoe.config import ToMoEConfig
 from tomoe.errors import ToMoEError
 from tomoe.evaluate import evaluate_perplexity, load_model_for_eval
-from tomoe.export.build import export_run
+from tomoe.export import export_run
 from tomoe.measure import summarize_routing
 from tomoe.methods import get_method
 from tomoe.patch import attach
@@ -247,6 +247,119 @@ def test_cli_baseline_writes_a_split_moe_run(tmp_path, tiny_model_dir, tiny_text
     assert run["method"] == "split-moe" and run["tomoe"]["num_experts"] == 4 and run["train"]["steps"] == 2
     assert run["method_config"] == {"top_k": 2, "partition": "random", "calibration_blocks": 2}  # 1/3 + 2/3 * 2/4 <= 0.7
     assert "active ratio (deterministic) 0.667" in capsys.readouterr().out
+
+
+# --- teal ---------------------------------------------------------------------------------------------------
+
+
+def _teal(model, keep: float, ids):
+    routing = teal.attach(model, ToMoEConfig(target_active=keep, num_experts=1), {})
+    teal.initialize(model, routing, ids, {}, seed=0)
+    return routing
+
+
+def test_teal_thresholds_keep_the_target_share_of_each_input_on_the_calibration_tokens(tiny_llama, sample_ids):
+    routing = _teal(tiny_llama, 0.6, sample_ids)
+    for index, layer in enumerate(tiny_llama.model.layers):
+        attention, mlp = layer.self_attn, layer.mlp
+        seen, handles = _capture_inputs({0: attention.q_proj, 1: attention.o_proj, 2: mlp.gate_proj, 3: mlp.down_proj})
+        with torch.no_grad(), routing.disabled():
+            tiny_llama(sample_ids)
+        for handle in handles:
+            handle.remove()
+        for site, (inputs,) in seen.items():
+            values = inputs.abs().flatten().sort().values
+            drop = round(0.4 * len(values))
+            assert routing.thresholds[index, site].item() == values[drop - 1].item()  # the drop-th smallest |x|
+            assert (values > routing.thresholds[index, site]).float().mean().item() == pytest.approx(0.6, abs=1 / len(values))
+
+
+class _HandMasked(torch.nn.Module):
+    """A linear whose input entries with |x| <= t are zeroed first: the reference for TEAL's hooks."""
+
+    def __init__(self, linear, threshold: float):
+        super().__init__()
+        self.linear, self.threshold = linear, threshold
+
+    def forward(self, x):
+        return self.linear(torch.where(x.abs() > self.threshold, x, torch.zeros_like(x)))
+
+
+def test_teal_routing_equals_a_hand_masked_forward_and_keeps_the_dense_model_at_p_1(tiny_llama, sample_ids):
+    from tests.conftest import make_tiny_model, tiny_llama_config
+
+    with torch.no_grad():
+        dense = tiny_llama(sample_ids).logits
+    routing = _teal(tiny_llama, 0.5, sample_ids[:2])
+    reference = make_tiny_model(tiny_llama_config())  # the same weights (same seed), masked by replacing the linears
+    sites = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "o_proj": 1, "gate_proj": 2, "up_proj": 2, "down_proj": 3}
+    for index, layer in enumerate(reference.model.layers):
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if name in sites:
+                    setattr(parent, name, _HandMasked(child, routing.thresholds[index, sites[name]].item()))
+    ids = sample_ids[2:]  # other tokens than the calibration ones
+    with torch.no_grad():
+        patched, expected = tiny_llama(ids).logits, reference(ids).logits
+    torch.testing.assert_close(patched, expected, atol=1e-5, rtol=0)
+    assert (patched - dense[2:]).abs().max() > 1e-3  # the sparsity did change the model
+
+    routing.detach()
+    full = _teal(tiny_llama, 1.0, sample_ids)
+    assert torch.equal(full.thresholds, torch.zeros_like(full.thresholds))
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_llama(sample_ids).logits, dense, atol=0, rtol=0)
+
+
+def test_teal_gather_decode_equals_the_masked_dense_path(tiny_llama, sample_ids):
+    from transformers import DynamicCache
+
+    routing = _teal(tiny_llama, 0.5, sample_ids)
+
+    def decode(model, steps: int = 4):
+        with torch.no_grad():
+            out = model(input_ids=sample_ids[:1, :8], past_key_values=DynamicCache(config=model.config), use_cache=True)
+            logits, cache = [out.logits], out.past_key_values
+            for step in range(steps):
+                out = model(input_ids=sample_ids[:1, 8 + step : 9 + step], past_key_values=cache, use_cache=True)
+                logits.append(out.logits)
+        return torch.cat(logits, dim=1)
+
+    masked = decode(tiny_llama)
+    teal.use_gather_decode(tiny_llama, routing)
+    torch.testing.assert_close(decode(tiny_llama), masked, atol=1e-5, rtol=0)
+    down = tiny_llama.model.layers[0].mlp.down_proj
+    assert isinstance(down.forward, teal._GatherForward) and down.weight.stride() == (1, 64)  # W^T kept once, W a view
+    token = torch.where(torch.arange(128) % 3 == 0, torch.randn(128), torch.zeros(128)).view(1, 1, 128)
+    torch.testing.assert_close(down.forward(token), token @ down.weight.T, atol=1e-6, rtol=0)  # the gather itself
+
+
+def test_teal_run_is_training_free_and_evaluates(tmp_path, tiny_model_dir, tiny_text_file, capsys):
+    info = run_teal(tmp_path / "run", 0.6, _train_config(tiny_model_dir, tiny_text_file), calibration_blocks=4, progress=False)
+    run = json.loads((tmp_path / "run" / "tomoe_run.json").read_text())
+    assert run["status"] == "finished" and run["method"] == "teal" and run["method_config"] == {"calibration_blocks": 4}
+    assert read_log(tmp_path / "run") == [] and latest_checkpoint_dir(tmp_path / "run").name == "step-000000"
+    # Held-out blocks: each token reads about the target share of the weights (calibrated on other blocks).
+    assert abs(info.result["active_ratio"] - 0.6) < 0.05 and set(info.result["site_keep"]) == set(teal.SITES)
+
+    patched, _ = load_run_for_inference(tmp_path / "run")
+    saved = load_file(str(latest_checkpoint_dir(tmp_path / "run") / "routing.safetensors"))
+    assert torch.equal(patched.tomoe_routing.thresholds.cpu(), saved["thresholds"]) and saved["thresholds"].min() > 0
+    ppl = _ppl(tmp_path / "run", tiny_text_file)
+    assert math.isfinite(ppl) and ppl != pytest.approx(_ppl(tiny_model_dir, tiny_text_file))
+    with pytest.raises(ToMoEError, match="teal baseline run: it has per-token magnitude thresholds"):
+        export_run(tmp_path / "run", tmp_path / "moe")
+    with pytest.raises(ToMoEError, match="teal is training-free"):
+        run_teal(tmp_path / "trained", 0.6, _train_config(tiny_model_dir, tiny_text_file, steps=2))
+
+    argv = ["baseline", "teal", "--model", str(tiny_model_dir), "--data", str(tiny_text_file), "--target-active", "0.6",
+            "--calibration-blocks", "4", "--seq-len", "32", "--out", str(tmp_path / "cli"), "--quiet"]
+    assert main(argv) == 0 and "0 training steps" in capsys.readouterr().out
+    cli_saved = load_file(str(latest_checkpoint_dir(tmp_path / "cli") / "routing.safetensors"))
+    assert torch.equal(cli_saved["thresholds"], saved["thresholds"])  # the same calibration blocks, the same thresholds
+    assert main([*argv[:-3], "--steps", "2", "--out", str(tmp_path / "cli-steps")]) == 2
+    assert "teal is training-free" in capsys.readouterr().err
+    assert not (tmp_path / "trained").exists() and not (tmp_path / "cli-steps").exists()
 
 
 # --- bad input ----------------------------------------------------------------------------------------------

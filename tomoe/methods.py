@@ -8,6 +8,7 @@ run-directory format serve ToMoE and its baselines (``tomoe.baselines``):
 * ``static-magnitude``: ToMoE's routing with one expert whose masks are set, training-free, from activation-weighted
   magnitudes (structured Wanda); training it further is optional.
 * ``split-moe``: MoEfication / LLaMA-MoE: the MLP channels split into N fixed experts and a top-k router.
+* ``teal``: TEAL, training-free activation sparsity: magnitude thresholds on the inputs of every decoder linear.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from tomoe.baselines import magnitude, split_moe
+from tomoe.baselines import magnitude, split_moe, teal
 from tomoe.config import ToMoEConfig
 from tomoe.errors import ToMoEError
 from tomoe.losses import tomoe_objective
@@ -36,7 +37,7 @@ class Method:
       the routing's own initialisation). Only a method with one may run 0 steps.
     * ``validate(geometry, tomoe_config, method_config)``: refuses settings the method cannot use.
     * ``tomoe_masks``: whether the routing is ToMoE's (expert masks, Q/K and V/O masks), which `tomoe export` and
-      `tomoe report` read; split-moe's fixed experts and top-k router are not.
+      `tomoe report` read; split-moe's fixed experts and top-k router and teal's thresholds are not.
     """
 
     name: str
@@ -66,6 +67,7 @@ METHODS: dict[str, Method] = {
                                initialize=magnitude.initialize, validate=_one_expert),
     "split-moe": Method("split-moe", split_moe.REGULARIZERS, split_moe.attach, split_moe.objective, split_moe.summarize,
                         split_moe.initialize, split_moe.validate, tomoe_masks=False),
+    "teal": Method("teal", teal.REGULARIZERS, teal.attach, teal.objective, teal.summarize, teal.initialize, tomoe_masks=False),
 }
 
 
@@ -75,8 +77,12 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
+# What the routing of a method without ToMoE masks is (for the refusal below).
+ROUTING_KINDS = {"split-moe": "fixed experts and a top-k router", "teal": "per-token magnitude thresholds on every linear's input"}
+
+
 def require_tomoe_masks(method_name: str, run_dir, purpose: str) -> None:
     """Refuse a run whose method has no ToMoE masks for ``purpose`` (e.g. "an export format", "this report")."""
     if not get_method(method_name).tomoe_masks:
-        raise ToMoEError(f"{run_dir} is a {method_name} baseline run: it has fixed experts and a top-k router, not the "
+        raise ToMoEError(f"{run_dir} is a {method_name} baseline run: it has {ROUTING_KINDS[method_name]}, not the "
                          f"ToMoE masks {purpose} needs. Evaluate it with `tomoe eval {run_dir}`.")

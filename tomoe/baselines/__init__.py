@@ -9,6 +9,9 @@
 * ``split-moe``: MoEfication / LLaMA-MoE: MLP channels split into N experts (random or balanced k-means), a top-k
   router trained by KD (:mod:`tomoe.baselines.split_moe`). Attention stays dense. Evaluates as a run directory; it
   has no export format.
+* ``teal``: TEAL, training-free activation sparsity: every decoder linear skips the weight columns of its small
+  input entries, by per-layer magnitude thresholds keeping the share p of each input (:mod:`tomoe.baselines.teal`).
+  Evaluates as a run directory; it has no export format (each token reads other columns).
 
 Every trained baseline uses the loop, data and budget of ``tomoe.train.convert`` (``TrainConfig``); the
 initialisations read ``calibration_blocks`` blocks of the same data, packed with the same seed (the same blocks for
@@ -23,7 +26,7 @@ from tomoe.config import ToMoEConfig
 from tomoe.errors import ToMoEError
 from tomoe.run import RunInfo, TrainConfig
 
-BASELINES = ("static-learned", "static-magnitude", "split-moe")
+BASELINES = ("static-learned", "static-magnitude", "split-moe", "teal")
 DEFAULT_CALIBRATION_BLOCKS = 16  # 4096 tokens at the quick preset's 256-token blocks
 
 
@@ -66,7 +69,20 @@ def run_split_moe(run_dir: str | Path, target_active: float, train_config: Train
                    method_config={"top_k": top_k, "partition": partition, "calibration_blocks": calibration_blocks}, **convert_options)
 
 
-_RUNNERS = {"static-learned": run_static_learned, "static-magnitude": run_static_magnitude, "split-moe": run_split_moe}
+def run_teal(run_dir: str | Path, target_active: float, train_config: TrainConfig,
+             calibration_blocks: int = DEFAULT_CALIBRATION_BLOCKS, **convert_options) -> RunInfo:
+    """TEAL's thresholds keeping the share ``target_active`` of every decoder linear's input entries; training-free,
+    so ``train_config.steps`` must be 0 (its data and seq_len still pick the calibration blocks)."""
+    from tomoe.train import convert
+
+    if train_config.steps != 0:
+        raise ToMoEError(f"teal is training-free (magnitude thresholds, nothing to train): it runs 0 steps, got steps={train_config.steps}.")
+    config = ToMoEConfig(target_active=target_active, num_experts=1)
+    return convert(run_dir, config, train_config, method="teal", method_config={"calibration_blocks": calibration_blocks}, **convert_options)
+
+
+_RUNNERS = {"static-learned": run_static_learned, "static-magnitude": run_static_magnitude, "split-moe": run_split_moe,
+            "teal": run_teal}
 
 
 def run_baseline(method: str, run_dir: str | Path, target_active: float, train_config: TrainConfig, **options) -> RunInfo:
@@ -77,4 +93,5 @@ def run_baseline(method: str, run_dir: str | Path, target_active: float, train_c
     return _RUNNERS[method](run_dir, target_active, train_config, **options)
 
 
-__all__ = ["BASELINES", "DEFAULT_CALIBRATION_BLOCKS", "run_baseline", "run_split_moe", "run_static_learned", "run_static_magnitude"]
+__all__ = ["BASELINES", "DEFAULT_CALIBRATION_BLOCKS", "run_baseline", "run_split_moe", "run_static_learned", "run_static_magnitude",
+           "run_teal"]
