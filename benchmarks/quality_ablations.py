@@ -1,18 +1,27 @@
-"""Why ToMoE does or does not beat the baselines of quality.md: ToMoE with one setting changed at a time.
+"""What each change to ToMoE's training does: ToMoE with one setting changed at a time, on the quick budget.
 
-    python benchmarks/quality_ablations.py                         # every variant at p = 0.7, the quick budget
-    python benchmarks/quality_ablations.py --variants attention-none,tau-0.6 --target 0.6
+    python benchmarks/quality_ablations.py                         # every variant at p = 0.7
+    python benchmarks/quality_ablations.py --variants default,attention-none --threads 1   # a subset (runs in parallel)
+    python benchmarks/quality_ablations.py --table-only            # rebuild the table from the cached rows
 
 Each variant trains ToMoE on the embedded SmolLM2-135M-Instruct with the quick budget of quality.py (60 steps of
-2 x 256 tokens, lr 1e-2, seed 0) and one change, then scores the run as quality.py does (``tomoe eval``'s
-deterministic routing, WikiText-2 perplexity over the first 8 windows of 2048 tokens). Results go to
-``benchmarks/results/quality_ablations.{json,md}``; runs are kept in ``--work-dir`` (resumable, keyed by variant),
-and the ``baseline`` variant is the same run as quality.py's ``tomoe`` row.
+2 x 256 tokens, lr 1e-2, seed 0) and one change from today's defaults, then scores the run as quality.py does
+(``tomoe eval``'s deterministic routing, WikiText-2 perplexity over the first 8 windows of 2048 tokens).
+
+The ``before-*`` variants (dynamic attention, no floor) put back one piece of the training as it was before issue 16 (logistic mask noise, one mask
+sample per expert shared by all tokens, KD weight 1 with the MLP mask applied once and R_L = N sum F P, no target
+warm-up), so each row shows what its change is worth against the ``attention-dynamic`` row; ``before-all`` reverts all of them
+together. The library keeps no switch for the first three: this script swaps the functions in for its own runs.
+
+Each variant's row is cached in ``--work-dir`` next to its run directory, so variants can run in separate processes
+at once (``--threads 1`` each) and the table is assembled from whatever is cached. Results:
+``benchmarks/results/quality_ablations.{json,md}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -23,16 +32,116 @@ from pathlib import Path
 from quality import BUDGETS, budget_train_config  # the benchmark these ablations explain (same folder)
 
 REPO = Path(__file__).resolve().parents[1]
-# variant -> (ToMoEConfig changes, TrainConfig changes)
-VARIANTS: dict[str, tuple[dict, dict]] = {
-    "baseline": ({}, {}),
-    "attention-none": ({"attention": "none"}, {}),  # MLP-only ToMoE: attention dense, as split-moe keeps it
-    "tau-0.6": ({"tau": 0.6}, {}),
-    "offset-1": ({"mask_offset": 1.0}, {}),
-    "union-0": ({"beta": 0.0}, {}),
-    "lr-3e-3": ({}, {"lr": 3e-3}),
-    "steps-180": ({}, {"steps": 180}),
+NUM_EXPERTS = 8
+BALANCE_BEFORE = {"kd_weight": 1.0, "gamma": float(NUM_EXPERTS)}  # R_L = N sum F P is gamma = N on today's sum F P
+DYNAMIC = {"attention": "dynamic", "attention_floor": 0.0}  # the before-* rows compare against attention-dynamic
+# variant -> (ToMoEConfig changes, TrainConfig changes, code swapped in (see swapped_code), what it shows)
+VARIANTS: dict[str, tuple[dict, dict, tuple[str, ...], str]] = {
+    "default": ({}, {}, (), "today's defaults"),
+    "before-noise": (DYNAMIC, {}, ("logistic-noise",), "item 1: logistic noise (two Gumbel samples) instead of Eq. 15's one"),
+    "before-per-token": (DYNAMIC, {}, ("shared-mask-sample",), "item 3: one mask sample per expert, shared by all tokens"),
+    "before-balance": ({**DYNAMIC, **BALANCE_BEFORE}, {}, ("mask-once",), "item 2: KD x1, MLP mask applied once, R_L = N sum F P"),
+    "before-warmup": ({**DYNAMIC, "budget_warmup": 0.0}, {}, (), "item 4: R_P aims at p from the first step"),
+    "before-all": ({**DYNAMIC, **BALANCE_BEFORE, "budget_warmup": 0.0}, {}, ("logistic-noise", "shared-mask-sample", "mask-once"),
+                   "items 1-4 reverted together: the training before issue 16"),
+    "attention-none": ({"attention": "none"}, {}, (), "item 5: attention dense, only the MLPs pruned"),
+    "attention-floor-0.9": ({"attention": "dynamic", "attention_floor": 0.9}, {}, (), "item 5: dynamic attention keeps >= 90% of its weights"),
+    "attention-floor-0.75": ({"attention": "dynamic", "attention_floor": 0.75}, {}, (), "item 5: dynamic attention keeps >= 75% of its weights"),
+    "attention-dynamic": (DYNAMIC, {}, (), "items 1-4 with dynamic attention and no floor: what the before-* rows revert"),
+    "lr-3e-3": ({}, {"lr": 3e-3}, (), "a smaller learning rate"),
 }
+
+
+@contextlib.contextmanager
+def swapped_code(names: tuple[str, ...]):
+    """Put back the pre-issue-16 pieces named in ``names`` for the runs inside the block."""
+    from unittest import mock
+
+    import torch
+
+    from tomoe.nn import gumbel, routing
+    from tomoe.patch import ToMoERouting
+
+    def logistic_sigmoid(logits, tau, offset, stochastic=True):
+        shifted = logits + offset
+        if stochastic:
+            shifted = shifted + gumbel._gumbel_like(logits) - gumbel._gumbel_like(logits)
+        soft = torch.sigmoid(shifted / tau)
+        return gumbel._straight_through((shifted > 0).to(soft.dtype), soft)
+
+    def shared_sample(one_hot, logits, tau, offset):
+        return one_hot @ routing.st_gumbel_sigmoid(logits, tau, offset, stochastic=True)
+
+    def mask_once_hook(self, index):
+        def hook(module, args):
+            if self.state is None:
+                return None
+            return (args[0] * self.state.channel_masks[index].to(args[0].dtype),) + args[1:]
+        return hook
+
+    patches = {
+        "logistic-noise": lambda: mock.patch.object(routing, "st_gumbel_sigmoid", logistic_sigmoid),
+        "shared-mask-sample": lambda: mock.patch.object(routing.MLPRouting, "token_masks", staticmethod(shared_sample)),
+        "mask-once": lambda: mock.patch.object(ToMoERouting, "_mlp_mask_hook", mask_once_hook),
+    }
+    with contextlib.ExitStack() as stack:
+        for name in names:
+            stack.enter_context(patches[name]())
+        yield
+
+
+def run_variant(variant: str, target: float, windows: int, wikitext, work: Path) -> dict:
+    import torch
+
+    from tomoe.config import ToMoEConfig
+    from tomoe.evaluate import evaluate_perplexity, load_model_for_eval
+    from tomoe.run import atomic_write_text
+    from tomoe.train import convert
+
+    run_dir = work / f"{variant}-p{round(target * 100):d}"
+    cache = run_dir.with_name(run_dir.name + ".json")
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    tomoe_changes, train_changes, code, what = VARIANTS[variant]
+    train_config = dataclasses.replace(budget_train_config("quick"), **train_changes)
+    train_config = dataclasses.replace(train_config, save_every=train_config.steps)
+    with swapped_code(code):
+        info = convert(run_dir, ToMoEConfig(target_active=target, num_experts=NUM_EXPERTS, **tomoe_changes), train_config,
+                       resume=True, progress=False, cpu=True)
+        model, tokenizer = load_model_for_eval(str(run_dir))
+        ppl = evaluate_perplexity(model, tokenizer, wikitext, max_windows=windows, progress=False)
+    result = info.result
+    row = {"variant": variant, "what": what, "target_active": target, "changes": {**tomoe_changes, **train_changes},
+           "code_swapped": list(code), "active_ratio": result.get("active_ratio"), "wikitext2_ppl": ppl.ppl,
+           "ppl_windows": ppl.windows, "final_kd": result.get("final_kd"), "qk_dims": result.get("qk_dims"),
+           "vo_topk": result.get("vo_topk"), "mlp_widths": result.get("mlp_widths"),
+           "train_tokens": train_config.steps * train_config.batch_size * train_config.seq_len,
+           "threads": torch.get_num_threads()}
+    atomic_write_text(cache, json.dumps(row, indent=2) + "\n")
+    return row
+
+
+def _mean(values) -> str:
+    return f"{sum(values) / len(values):.1f}" if values else "-"
+
+
+def write_table(rows: list[dict], out: Path, command: str) -> str:
+    import torch
+
+    from tomoe.run import atomic_write_text
+
+    machine = f"cpu ({os.cpu_count()} cores, {platform.machine()}), torch {torch.__version__}"
+    lines = [f"| {r['variant']} | {r['what']} | {r['active_ratio']:.3f} | {r['wikitext2_ppl']:.2f} | {r['final_kd']:.3f} | "
+             f"{_mean(r.get('qk_dims') or [])} | {_mean(r.get('vo_topk') or [])} | {_mean(r.get('mlp_widths') or [])} |" for r in rows]
+    md = ("# ToMoE ablations on the quick budget\n\n"
+          f"Generated by `{command}` on {machine}; target active ratio {rows[0]['target_active']}, 60 steps x 2 x 256 "
+          f"tokens (lr 1e-2, seed 0), WikiText-2 perplexity over the first {rows[0]['ppl_windows']} windows of 2048 tokens, "
+          "deterministic routing. Dense: 19.13 on the same windows. Method in the script's docstring.\n\n"
+          "| variant | what changes against today's default | active ratio | WikiText-2 ppl | final KD | mean q/k dims | "
+          "mean V/O top-K | mean MLP width |\n|---|---|---:|---:|---:|---:|---:|---:|\n" + "\n".join(lines) + "\n")
+    atomic_write_text(out / "quality_ablations.json", json.dumps(rows, indent=2) + "\n")
+    atomic_write_text(out / "quality_ablations.md", md)
+    return md
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
     parser.add_argument("--target", type=float, default=0.7, help="target active ratio p (default 0.7)")
     parser.add_argument("--ppl-windows", type=int, default=BUDGETS["quick"]["ppl_windows"], help="perplexity over the first W windows of 2048 tokens")
+    parser.add_argument("--threads", type=int, help="torch threads of this process (default: torch's)")
+    parser.add_argument("--table-only", action="store_true", help="only rebuild the table from the cached rows")
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--work-dir", default=str(REPO / "runs" / "quality_ablations"))
@@ -53,41 +164,20 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from tomoe.config import ToMoEConfig
-    from tomoe.evaluate import evaluate_perplexity, load_model_for_eval
     from tomoe.evaluate.data import ppl_rows, resolve_data_dir
-    from tomoe.run import atomic_write_text
-    from tomoe.train import convert
 
-    _, wikitext, _ = ppl_rows("wikitext2", None, resolve_data_dir(args.data_dir))
-    quick = budget_train_config("quick")
-    out, work = Path(args.out_dir), Path(args.work_dir)
-    rows = []
-    print("| variant | active ratio | WikiText-2 ppl | final KD | train tokens |\n|---|---:|---:|---:|---:|", flush=True)
-    for variant in variants:
-        tomoe_changes, train_changes = VARIANTS[variant]
-        train_config = dataclasses.replace(quick, **train_changes)
-        train_config = dataclasses.replace(train_config, save_every=train_config.steps)
-        run_dir = work / f"{variant}-p{round(args.target * 100):d}"
-        info = convert(run_dir, ToMoEConfig(target_active=args.target, **tomoe_changes), train_config, resume=True, progress=False, cpu=True)
-        model, tokenizer = load_model_for_eval(str(run_dir))
-        ppl = evaluate_perplexity(model, tokenizer, wikitext, max_windows=args.ppl_windows, progress=False)
-        row = {"variant": variant, "target_active": args.target, "changes": {**tomoe_changes, **train_changes},
-               "active_ratio": info.result.get("active_ratio"), "wikitext2_ppl": ppl.ppl, "final_kd": info.result.get("final_kd"),
-               "train_tokens": train_config.steps * train_config.batch_size * train_config.seq_len}
-        rows.append(row)
-        print(f"| {variant} | {row['active_ratio']:.3f} | {ppl.ppl:.2f} | {row['final_kd']:.3f} | {row['train_tokens']:,} |", flush=True)
-    machine = f"cpu ({os.cpu_count()} cores, {platform.machine()}), torch {torch.__version__}"
-    lines = [f"| {r['variant']} | {json.dumps(r['changes']) if r['changes'] else '-'} | {r['active_ratio']:.3f} | {r['wikitext2_ppl']:.2f} | "
-             f"{r['final_kd']:.3f} | {r['train_tokens']:,} |" for r in rows]
-    md = ("# ToMoE ablations on the quick budget\n\n"
-          f"Generated by `python benchmarks/quality_ablations.py {' '.join(sys.argv[1:] if argv is None else argv)}` on {machine}; "
-          f"target active ratio {args.target}, WikiText-2 perplexity over the first {args.ppl_windows} windows of 2048 tokens, "
-          "deterministic routing. Method in the script's docstring.\n\n"
-          "| variant | change | active ratio | WikiText-2 ppl | final KD | train tokens |\n|---|---|---:|---:|---:|---:|\n" + "\n".join(lines) + "\n")
-    atomic_write_text(out / "quality_ablations.json", json.dumps(rows, indent=2) + "\n")
-    atomic_write_text(out / "quality_ablations.md", md)
-    print(f"written: {out / 'quality_ablations.json'}, {out / 'quality_ablations.md'}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = Path(args.work_dir)
+    if not args.table_only:
+        _, wikitext, _ = ppl_rows("wikitext2", None, resolve_data_dir(args.data_dir))
+        for variant in variants:
+            row = run_variant(variant, args.target, args.ppl_windows, wikitext, work)
+            print(f"{variant}: active {row['active_ratio']:.3f}, ppl {row['wikitext2_ppl']:.2f}, final KD {row['final_kd']:.3f}", flush=True)
+    suffix = f"-p{round(args.target * 100):d}.json"
+    rows = [json.loads((work / f"{v}{suffix}").read_text()) for v in VARIANTS if (work / f"{v}{suffix}").is_file()]
+    if rows:
+        print(write_table(rows, Path(args.out_dir), f"python benchmarks/quality_ablations.py --target {args.target}"))
     return 0
 
 
