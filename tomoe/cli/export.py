@@ -15,17 +15,20 @@ def register(subparsers) -> None:
         "of gate/up/down, Q/K are sliced, routing is deterministic. 'tomoe' format: loads with AutoModelForCausalLM "
         "after `import tomoe`, or with trust_remote_code=True without tomoe. 'mixtral' format (Llama/Mistral runs trained "
         "with --attention none): the stock MixtralForCausalLM layout. 'qwen3_moe' format (Qwen3 runs trained with "
-        "--attention none): the stock Qwen3MoeForCausalLM layout.",
+        "--attention none): the stock Qwen3MoeForCausalLM layout. Stock layouts store every expert at one width, "
+        "zero-padded up to a multiple of --pad-to; their config and tokenizer files also load with transformers 4.x.",
     )
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished `tomoe convert` run directory")
     parser.add_argument("--out", required=True, metavar="MODEL_DIR", help="new folder to write (must not exist or be empty)")
     parser.add_argument("--format", choices=EXPORT_FORMATS, default="tomoe", help="checkpoint layout (default tomoe)")
+    parser.add_argument("--pad-to", type=int, metavar="N", help="stock layouts: round the expert width up to a multiple of N "
+                        "(default 8; 32 for llama.cpp Q8_0 / Q4_0, 256 for its K-quants such as Q4_K_M)")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from tomoe.export import export_run
 
-    out = export_run(args.run_dir, args.out, args.format)
+    out = export_run(args.run_dir, args.out, args.format, args.pad_to)
     print(f"exported {args.run_dir} -> {out} ({args.format} format)\n  next: tomoe info {out}")
     return 0

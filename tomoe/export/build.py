@@ -1,11 +1,10 @@
-"""Masks -> real experts: slice the dense weights of a trained run into an exported MoE folder."""
+"""Masks -> real experts: slice the dense weights of a trained run into an exported MoE model (in memory)."""
 
 from __future__ import annotations
 
+import copy
 import importlib
-import json
-import shutil
-import tempfile
+import os
 from pathlib import Path
 
 import torch
@@ -15,22 +14,26 @@ from tomoe.export.configuration_tomoe import TomoeConfig
 from tomoe.export.modeling_tomoe import TomoeForCausalLM
 from tomoe.patch import ForwardState, ToMoERouting
 
-MODELING_FILES = ("configuration_tomoe.py", "modeling_tomoe.py", "kernels.py")
 # Base-config entries that describe where the dense weights came from, not the exported model.
 DROPPED_BASE_KEYS = ("quantization_config", "_name_or_path", "architectures", "auto_map", "model_type", "transformers_version")
 
 
 class _StockFormat:
-    """A stock transformers MoE layout: ``check(run_info)`` refuses runs it cannot hold, ``build`` makes the model."""
+    """A stock transformers MoE layout: ``check(attention, family)`` refuses routing it cannot hold, ``build`` makes
+    the model, ``legacy_aliases`` are the 4.x names of its config values that 5.x renamed."""
 
     def __init__(self, module: str, check: str, build: str):
         self.module, self._check, self._build = module, check, build
 
-    def check(self, info) -> None:
-        getattr(importlib.import_module(self.module), self._check)(info)
+    def check(self, attention: str, family: str) -> None:
+        getattr(importlib.import_module(self.module), self._check)(attention, family)
 
-    def build(self, dense, routing, state):
-        return getattr(importlib.import_module(self.module), self._build)(dense, routing, state)
+    def build(self, dense, routing, state, pad_to: int):
+        return getattr(importlib.import_module(self.module), self._build)(dense, routing, state, pad_to)
+
+    @property
+    def legacy_aliases(self) -> dict[str, str]:
+        return getattr(importlib.import_module(self.module), "LEGACY_ALIASES", {})
 
 
 STOCK_FORMATS = {
@@ -39,53 +42,74 @@ STOCK_FORMATS = {
 }
 
 
-def check_out_dir(out_dir: Path) -> None:
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ToMoEError(f"--out {out_dir} already exists and is not an empty directory; choose a new path.")
-
-
-def export_run(run_dir: str | Path, out_dir: str | Path, format: str = "tomoe") -> Path:
+def check_format(format: str, pad_to: int | None) -> None:
     from tomoe.export import EXPORT_FORMATS
-    from tomoe.loading import load_model, load_tokenizer, resolve_model_source
-    from tomoe.methods import require_tomoe_masks
-    from tomoe.run import load_routing, read_run
+    from tomoe.export.mixtral import check_pad_to
 
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
     if format not in EXPORT_FORMATS:
         raise ToMoEError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}.")
+    if pad_to is not None:
+        if format not in STOCK_FORMATS:
+            raise ToMoEError(f"--pad-to applies to the stock layouts ({', '.join(STOCK_FORMATS)}), whose experts share one padded width; --format {format} stores every expert at its own width.")
+        check_pad_to(pad_to)
+
+
+def check_exportable_run(run_dir: Path, format: str, pad_to: int | None = None):
+    """The run's RunInfo if ``run_dir`` can be exported as ``format``; read from its JSON only, no weights."""
+    from tomoe.methods import require_tomoe_masks
+    from tomoe.run import read_run
+
+    check_format(format, pad_to)
     info = read_run(run_dir)
     if info.status != "finished":
         raise ToMoEError(f"the run {run_dir} is unfinished (status {info.status!r}); finish it with `tomoe convert --resume --out {run_dir}` before exporting.")
     require_tomoe_masks(info.method, run_dir, "an export format")
-    stock = STOCK_FORMATS.get(format)
-    if stock is not None:
-        stock.check(info)
-    check_out_dir(out_dir)
+    if format in STOCK_FORMATS:
+        STOCK_FORMATS[format].check(info.tomoe.attention, info.family)
+    return info
 
-    source = resolve_model_source(info.train.model)
-    dense = load_model(source)
-    routing = load_routing(run_dir, dense, info)
-    with torch.no_grad():
-        state = routing.compute_static_masks()
-        model = stock.build(dense, routing, state) if stock is not None else build_tomoe(dense, routing, state)
-    model.generation_config = dense.generation_config
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+def export_model(source, format: str = "tomoe", *, routing: ToMoERouting | None = None, pad_to: int | None = None):
+    """The trained conversion as a real Mixture-of-Experts model in memory (a transformers ``PreTrainedModel``).
+
+    ``source``: a finished run directory, or a dense model with ToMoE routing attached (``routing``, else the
+    ``tomoe_routing`` that :func:`tomoe.run.load_run_for_inference` sets). ``format``: ``tomoe`` (a
+    ``TomoeForCausalLM``), ``mixtral`` or ``qwen3_moe`` (the stock transformers classes); ``pad_to``: the multiple
+    the stock layouts round their one expert width up to (default 8). The dense model is left as it was.
+    """
+    from tomoe.export.mixtral import DEFAULT_PAD_TO
+    from tomoe.loading import load_model, resolve_model_source
+    from tomoe.run import load_routing
+
+    if isinstance(source, (str, os.PathLike)):
+        run_dir = Path(source)
+        info = check_exportable_run(run_dir, format, pad_to)
+        dense = load_model(resolve_model_source(info.train.model))
+        routing = load_routing(run_dir, dense, info)
+        metadata = {"run": str(run_dir.resolve()), "model": info.train.model, "tomoe": info.tomoe.to_dict(), "result": info.result}
+    else:
+        check_format(format, pad_to)
+        dense = source
+        routing = routing if routing is not None else dense.__dict__.get("tomoe_routing")
+        if not isinstance(routing, ToMoERouting):
+            raise ToMoEError("export_model needs a run directory, or a model with ToMoE routing attached: pass routing=tomoe.attach(model, config) after training it.")
+        if format in STOCK_FORMATS:
+            STOCK_FORMATS[format].check(routing.config.attention, routing.family.name)
+        if routing.dynamic_attention and routing.vo_topk is None:
+            raise ToMoEError("the routing has no V/O top-K yet; measure it first (tomoe.measure.summarize_routing, as training does), or attach with attention='none'.")
+        metadata = {"run": None, "model": getattr(dense.config, "_name_or_path", None), "tomoe": routing.config.to_dict(), "result": {"expert_widths": routing.learned_expert_widths()}}
+    was_training = routing.training
+    routing.eval()  # deterministic masks: what the exported model computes
     try:
-        model.save_pretrained(tmp)
-        load_tokenizer(source).save_pretrained(tmp)
-        if format == "tomoe":
-            for name in MODELING_FILES:
-                shutil.copy(Path(__file__).with_name(name), tmp / name)
-        (tmp / "tomoe_export.json").write_text(json.dumps({"format": format, "run": str(run_dir.resolve()), "model": info.train.model, "dense_intermediate_size": routing.geometry.intermediate_size, "tomoe": info.tomoe.to_dict(), "result": info.result}, indent=2) + "\n")
-        if out_dir.exists():
-            out_dir.rmdir()  # empty, checked above
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+        with torch.no_grad():
+            state = routing.compute_static_masks()
+            stock = STOCK_FORMATS.get(format)
+            model = stock.build(dense, routing, state, pad_to or DEFAULT_PAD_TO) if stock is not None else build_tomoe(dense, routing, state)
+    finally:
+        routing.train(was_training)
+    model.generation_config = copy.deepcopy(dense.generation_config)
+    model.tomoe_export = {"format": format, **metadata, "dense_intermediate_size": routing.geometry.intermediate_size, "pad_to": pad_to or DEFAULT_PAD_TO if stock else None}
+    return model
 
 
 def exported_config(dense, routing: ToMoERouting, state: ForwardState) -> TomoeConfig:

@@ -1,8 +1,9 @@
 """``--format mixtral``: the stock transformers Mixtral layout, for runs that kept attention dense.
 
 Stock Mixtral has one expert width for the whole model, while ToMoE's widths differ per layer, so every expert is
-padded with zero channels up to the model-wide widest expert (rounded up to a multiple of 8): a zero gate/up row and zero down column add
-``act(0) * 0 = 0``, so outputs are unchanged. With top-1 routing Mixtral's renormalised weight is exactly 1.
+padded with zero channels up to the model-wide widest expert, rounded up to a multiple of ``pad_to`` (default 8): a
+zero gate/up row and zero down column add ``act(0) * 0 = 0``, so outputs are unchanged. With top-1 routing Mixtral's
+renormalised weight is exactly 1.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from tomoe.errors import ToMoEError
 from tomoe.patch import ForwardState, ToMoERouting
 
 MIXTRAL_FAMILIES = ("llama",)
+# 8 keeps transformers' grouped-matmul experts on 16-byte aligned strides; llama.cpp quantizes rows (an expert's
+# down_proj row is its width) in blocks: 32 for Q8_0 / Q4_0, 256 for the K-quants.
+DEFAULT_PAD_TO = 8
 # Base-config fields that Mixtral shares with the Llama family.
 SHARED_FIELDS = (
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -19,28 +23,31 @@ SHARED_FIELDS = (
 )
 
 
-def check_dense_attention_run(info, format: str, families: tuple[str, ...], model_class: str) -> None:
-    """Refuse a run that a stock MoE layout (plain attention, one expert width) cannot hold."""
-    if info.tomoe.attention != "none":
+def check_dense_attention_run(attention: str, family: str, format: str, families: tuple[str, ...], model_class: str) -> None:
+    """Refuse routing (its attention mode and model family) that a stock MoE layout (plain attention, one expert
+    width) cannot hold."""
+    if attention != "none":
         raise ToMoEError(
             f"--format {format} needs a run trained with --attention none: stock {model_class} attention cannot hold "
             "sliced query/key dims or per-token value/output dims. Export this run with --format tomoe instead."
         )
-    if info.family not in families:
-        raise ToMoEError(f"--format {format} supports the {', '.join(families)} family; this run is {info.family!r}. Use --format tomoe.")
+    if family not in families:
+        raise ToMoEError(f"--format {format} supports the {', '.join(families)} family; this run is {family!r}. Use --format tomoe.")
 
 
-def check_mixtral_compatible(info) -> None:
-    check_dense_attention_run(info, "mixtral", MIXTRAL_FAMILIES, "Mixtral")
+def check_mixtral_compatible(attention: str, family: str) -> None:
+    check_dense_attention_run(attention, family, "mixtral", MIXTRAL_FAMILIES, "Mixtral")
 
 
-def padded_width(state: ForwardState) -> int:
-    """The one expert width of a stock MoE: the widest expert of the model, rounded up to a multiple of 8.
+def check_pad_to(pad_to: int) -> None:
+    if isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to < 1 or pad_to % 8:
+        raise ToMoEError(f"--pad-to must be a positive multiple of 8 (e.g. 32 for llama.cpp Q8_0, 256 for Q4_K), got {pad_to!r}.")
 
-    The rounding keeps transformers' grouped-matmul experts on 16-byte aligned strides.
-    """
+
+def padded_width(state: ForwardState, pad_to: int = DEFAULT_PAD_TO) -> int:
+    """The one expert width of a stock MoE: the widest expert of the model, rounded up to a multiple of ``pad_to``."""
     widest = max(int(masks.sum(dim=-1).max()) for masks in state.expert_masks)
-    return -(-widest // 8) * 8
+    return -(-widest // pad_to) * pad_to
 
 
 def load_shared_weights(model, dense) -> None:
@@ -67,13 +74,13 @@ def fill_padded_experts(dense, routing: ToMoERouting, state: ForwardState, model
             experts.down_proj[expert, :, :kept] = down[:, channels]
 
 
-def build_mixtral(dense, routing: ToMoERouting, state: ForwardState):
+def build_mixtral(dense, routing: ToMoERouting, state: ForwardState, pad_to: int = DEFAULT_PAD_TO):
     from transformers import MixtralConfig, MixtralForCausalLM
 
     base = dense.config
     if getattr(base, "attention_bias", False) or getattr(base, "mlp_bias", False):
         raise ToMoEError("--format mixtral cannot hold attention or MLP biases; use --format tomoe for this model.")
-    width = padded_width(state)
+    width = padded_width(state, pad_to)
     values = {name: getattr(base, name) for name in SHARED_FIELDS if hasattr(base, name)}
     config = MixtralConfig(
         **values,

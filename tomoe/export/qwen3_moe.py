@@ -11,7 +11,7 @@ gate/up row and down column add ``act(0) * 0 = 0``. Every layer is sparse (``dec
 from __future__ import annotations
 
 from tomoe.errors import ToMoEError
-from tomoe.export.mixtral import check_dense_attention_run, fill_padded_experts, load_shared_weights, padded_width
+from tomoe.export.mixtral import DEFAULT_PAD_TO, check_dense_attention_run, fill_padded_experts, load_shared_weights, padded_width
 from tomoe.patch import ForwardState, ToMoERouting
 
 QWEN3_MOE_FAMILIES = ("qwen3",)
@@ -23,11 +23,15 @@ SHARED_FIELDS = (
 )
 
 
-def check_qwen3_moe_compatible(info) -> None:
-    check_dense_attention_run(info, "qwen3_moe", QWEN3_MOE_FAMILIES, "Qwen3-MoE")
+# transformers 4.x names of Qwen3MoeConfig values that 5.x renamed (legacy -> today's).
+LEGACY_ALIASES = {"num_experts": "num_local_experts"}
 
 
-def build_qwen3_moe(dense, routing: ToMoERouting, state: ForwardState):
+def check_qwen3_moe_compatible(attention: str, family: str) -> None:
+    check_dense_attention_run(attention, family, "qwen3_moe", QWEN3_MOE_FAMILIES, "Qwen3-MoE")
+
+
+def build_qwen3_moe(dense, routing: ToMoERouting, state: ForwardState, pad_to: int = DEFAULT_PAD_TO):
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     base = dense.config
@@ -35,7 +39,7 @@ def build_qwen3_moe(dense, routing: ToMoERouting, state: ForwardState):
     if getattr(base, "use_sliding_window", False) and "sliding_attention" in layer_types:
         # Qwen3-MoE applies one sliding window to every layer; Qwen3 chooses per layer.
         raise ToMoEError("--format qwen3_moe cannot hold Qwen3's per-layer sliding-window attention; use --format tomoe for this model.")
-    width = padded_width(state)
+    width = padded_width(state, pad_to)
     values = {name: getattr(base, name) for name in SHARED_FIELDS if hasattr(base, name)}
     config = Qwen3MoeConfig(
         **values,
