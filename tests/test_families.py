@@ -107,7 +107,7 @@ def _push_masks(run_dir):
             attention.qk_proj[-1].weight.zero_()  # one RoPE pair / free dim in three is pruned
             attention.qk_proj[-1].bias.copy_(torch.tensor([-5.0 if g % 3 == 1 else 5.0 for g in range(groups)]) - offset)
     summary = summarize_routing(model, routing, ids)
-    save_checkpoint(run_dir, info.train.steps, routing.state_dict(), None, {})
+    save_checkpoint(run_dir, info.train.steps, routing.state_dict(), None)
     info.result.update(summary.to_dict())
     write_run(run_dir, info)
 

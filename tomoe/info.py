@@ -11,6 +11,7 @@ from tomoe.errors import ToMoEError
 from tomoe.report.collect import DEFAULT_TEXT as SAMPLE_TEXT  # one built-in sample for info and report
 
 STOCK_KINDS = ("mixtral", "qwen3_moe")  # stock transformers MoE layouts written by `tomoe export --format`
+EXPORT_METADATA = "tomoe_export.json"
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")
 
 
@@ -23,10 +24,30 @@ def load_exported(model_dir: str | Path):
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise ToMoEError(f"{model_dir} is not a model folder (no config.json); pass the --out folder of `tomoe export`.")
-    model_type = AutoConfig.from_pretrained(model_dir).model_type
-    if model_type == "tomoe" or (model_type in STOCK_KINDS and (model_dir / "tomoe_export.json").is_file()):
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(), model_type
+    from tomoe.loading import LOAD_ERRORS, check_weight_files, one_line
+
+    check_weight_files(model_dir)
+    try:  # tomoe's own registered classes: the folder's copy of the modeling code is never imported
+        model_type = AutoConfig.from_pretrained(model_dir).model_type
+        if model_type == "tomoe" or (model_type in STOCK_KINDS and (model_dir / EXPORT_METADATA).is_file()):
+            return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(), model_type
+    except LOAD_ERRORS as error:
+        raise ToMoEError(f"Could not load the exported model in {str(model_dir)!r}: {one_line(error)}") from None
     raise ToMoEError(f"{model_dir} holds a {model_type!r} model, not one exported by `tomoe export`.")
+
+
+def read_export_metadata(model_dir: Path) -> dict:
+    """The ``tomoe_export.json`` of an exported folder: the run it came from and the run's settings and results."""
+    from tomoe.loading import one_line
+
+    path = Path(model_dir) / EXPORT_METADATA
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ToMoEError(f"{path} is missing or corrupt ({one_line(error)}); export the run again.") from None
+    if not isinstance(values, dict):
+        raise ToMoEError(f"{path} is corrupt (not a JSON object); export the run again.")
+    return values
 
 
 def dense_parameter_counts(model, kind: str, model_dir: Path) -> tuple[int, int]:
@@ -38,7 +59,9 @@ def dense_parameter_counts(model, kind: str, model_dir: Path) -> tuple[int, int]
     if kind == "tomoe":
         intermediate = config.intermediate_size
     else:
-        intermediate = json.loads((model_dir / "tomoe_export.json").read_text())["dense_intermediate_size"]
+        intermediate = read_export_metadata(model_dir).get("dense_intermediate_size")
+        if not isinstance(intermediate, int):
+            raise ToMoEError(f"{model_dir / EXPORT_METADATA} has no dense_intermediate_size; export the run again.")
     decoder = layers * (3 * hidden * intermediate + hidden * head_dim * 2 * (heads + kv_heads))
     moe_decoder = sum(_decoder_weights(layer, kind) for layer in model.model.layers)
     total_stored = sum(p.numel() for p in model.parameters())
@@ -74,9 +97,9 @@ def model_info(model_dir: str | Path, text: str | None = None) -> dict:
     for index, layer in enumerate(model.model.layers):
         router = layer.mlp.router if kind == "tomoe" else layer.mlp.gate
         handles.append(router.register_forward_hook(_capture_route(routed, index, kind)))
-    from transformers import AutoTokenizer
+    from tomoe.loading import ModelSource, load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(ModelSource(str(model_dir)))
     input_ids = tokenizer(text or SAMPLE_TEXT, return_tensors="pt").input_ids
     if input_ids.numel() == 0:
         raise ToMoEError("the sample text is empty after tokenisation; pass some text.")

@@ -12,14 +12,23 @@ fsynced, and only then is it renamed into place; ``latest`` is replaced atomical
 therefore only ever exists complete, a run killed at any moment (or a write failing half-way, e.g. a full disk)
 resumes from the last complete checkpoint, and leftover temporary folders are removed by the next save. Only the
 main process of a multi-process run writes.
+
+Safe to read when handed by someone else. Nothing read from a run directory is unpickled into arbitrary objects:
+the settings, log and trainer state are JSON, the routing weights safetensors, and the optimizer state is read with
+``torch.load(weights_only=True)``, which rebuilds only tensors and plain containers and refuses anything else. The
+``rng.pt`` of runs written by older versions is never read: the training noise is a function of (seed, step,
+micro-batch), so no RNG state is needed to resume.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import pickle
 import shutil
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -69,8 +78,12 @@ class TrainConfig:
             raise ToMoEError(f"steps must be a non-negative integer, got {self.steps!r}.")
         if self.seq_len < 2:
             raise ToMoEError(f"seq-len must be at least 2 tokens, got {self.seq_len}.")
-        if not self.lr > 0:
-            raise ToMoEError(f"learning rate must be > 0, got {self.lr!r}.")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):  # inf would log Infinity
+            raise ToMoEError(f"lr (learning rate) must be a finite number > 0, got {self.lr!r} (paper 1e-3, quick preset 1e-2).")
+        if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ToMoEError(f"weight decay must be a finite number >= 0, got {self.weight_decay!r}.")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ToMoEError(f"seed must be an integer in [0, 2^63), got {self.seed!r}.")
 
 
 # TrainConfig fields a resumed run takes from the command that resumes it rather than from the run directory:
@@ -120,7 +133,7 @@ def read_run(run_dir: str | os.PathLike) -> RunInfo:
     if not path.is_file():
         raise ToMoEError(f"{run_dir} is not a tomoe run directory: it has no {RUN_FILE} (create one with `tomoe convert --out {run_dir}`).")
     try:
-        values = json.loads(path.read_text())
+        values = json.loads(path.read_text(encoding="utf-8"))
         return RunInfo(
             tomoe=ToMoEConfig.from_dict(values["tomoe"]),
             train=TrainConfig(**values["train"]),
@@ -131,8 +144,8 @@ def read_run(run_dir: str | os.PathLike) -> RunInfo:
             method=values.get("method", "tomoe"),  # runs written before baselines existed are ToMoE runs
             method_config=values.get("method_config", {}),
         )
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ToMoEError(f"{path} is corrupt or from an incompatible tomoe version ({error}).") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as error:  # ValueError: not UTF-8 or not JSON
+        raise ToMoEError(f"{path} is corrupt or from an incompatible tomoe version ({type(error).__name__}: {str(error)[:200]}).") from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -166,11 +179,13 @@ def read_log(run_dir: str | os.PathLike) -> list[dict]:
         return []
     # A kill can cut the last line short; every complete line is kept.
     records = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(record, dict):
+            records.append(record)
     return records
 
 
@@ -185,7 +200,6 @@ class Checkpoint:
     step: int
     routing: dict[str, torch.Tensor]
     optimizer: dict | None
-    rng: dict  # kept for older runs; the training noise is now a function of (seed, step, micro-batch)
 
 
 def _fsync(path: Path) -> None:
@@ -199,7 +213,19 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(run_dir: str | os.PathLike, step: int, routing_state: dict, optimizer_state: dict | None, rng: dict | None = None, keep: int = 1) -> Path:
+KEEP_CHECKPOINTS = 2  # the newest checkpoints kept, so that one damaged file (a bad disk, a cut copy) never loses the run
+
+
+class DamagedCheckpoint(ToMoEError):
+    """A checkpoint that cannot be read (truncated, corrupt) or holds non-finite weights."""
+
+
+class DamagedCheckpointWarning(UserWarning):
+    """A damaged checkpoint was passed over for an older intact one."""
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, routing_state: dict, optimizer_state: dict | None,
+                    keep: int = KEEP_CHECKPOINTS) -> Path:
     """Write a checkpoint atomically and point ``latest`` at it; keep only the newest ``keep`` checkpoints.
 
     Nothing named ``step-*`` is ever incomplete: the files go into a temporary folder, are fsynced, and the folder
@@ -219,8 +245,6 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, routing_state: dict, 
         save_file({k: v.detach().contiguous().cpu() for k, v in routing_state.items()}, str(tmp / "routing.safetensors"))
         if optimizer_state is not None:
             torch.save(optimizer_state, tmp / "optimizer.pt")
-        if rng:
-            torch.save(rng, tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
         for path in tmp.iterdir():
             _fsync(path)
@@ -239,50 +263,108 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, routing_state: dict, 
     return final
 
 
-def latest_checkpoint_dir(run_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint: the one ``latest`` names, else the highest ``step-*`` folder (complete by
-    construction), else None."""
+def discard_checkpoint(run_dir: str | os.PathLike, step: int) -> int:
+    """Remove the checkpoint of ``step`` (its weights proved bad) and point ``latest`` at the newest one left;
+    returns that one's step (0: none is left)."""
     root = Path(run_dir) / CHECKPOINTS
+    shutil.rmtree(root / f"step-{step:06d}", ignore_errors=True)
+    left = sorted(p.name for p in root.glob("step-*") if (p / "routing.safetensors").is_file())
+    if left:
+        atomic_write_text(root / "latest", left[-1])
+        return int(left[-1].removeprefix("step-"))
+    (root / "latest").unlink(missing_ok=True)
+    return 0
+
+
+def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
+    """The run's complete checkpoints, newest first: the one ``latest`` names and those before it (``step-*`` folders
+    are complete by construction; a lost ``latest`` falls back to the highest)."""
+    root = Path(run_dir) / CHECKPOINTS
+    complete = sorted((p for p in root.glob("step-*") if (p / "routing.safetensors").is_file()), reverse=True) if root.is_dir() else []
     pointer = root / "latest"
     if pointer.is_file():
-        path = root / pointer.read_text().strip()
-        if (path / "routing.safetensors").is_file():
-            return path
-    complete = sorted(p for p in root.glob("step-*") if (p / "routing.safetensors").is_file()) if root.is_dir() else []
-    if complete:
-        return complete[-1]
-    if pointer.is_file():
-        raise ToMoEError(f"the checkpoint named by {pointer} is missing and no other checkpoint is there; the run directory is corrupt.")
-    return None
+        named = root / pointer.read_text(encoding="utf-8", errors="replace").strip()
+        if named in complete:
+            return [p for p in complete if p.name <= named.name]
+        if not complete:
+            raise ToMoEError(f"the checkpoint named by {pointer} is missing and no other checkpoint is there; the run directory is corrupt.")
+    return complete
+
+
+def latest_checkpoint_dir(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint folder, or None."""
+    dirs = checkpoint_dirs(run_dir)
+    return dirs[0] if dirs else None
+
+
+def _read_checkpoint(path: Path, with_optimizer: bool) -> Checkpoint:
+    """One checkpoint folder; a damaged one raises ToMoEError saying what is wrong."""
+    try:
+        routing = load_file(str(path / "routing.safetensors"))
+        step = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))["step"]
+        if not isinstance(step, int):
+            raise TypeError(f"its step is {step!r}, not an integer")
+        # weights_only: tensors and plain containers only; a pickle asking for anything else is refused, not run.
+        optimizer = torch.load(path / "optimizer.pt", weights_only=True) if with_optimizer and (path / "optimizer.pt").is_file() else None
+    except pickle.UnpicklingError:
+        raise ToMoEError(f"{path / 'optimizer.pt'} is not an optimizer state: it asks to build Python objects other than "
+                         "tensors, which tomoe refuses to load (a file like this can run code). Do not use this run.") from None
+    except (SafetensorError, OSError, RuntimeError, KeyError, TypeError, ValueError) as error:
+        raise DamagedCheckpoint(f"the checkpoint {path} is corrupt or truncated ({type(error).__name__}: {' '.join(str(error).split())[:200]})") from None
+    bad = [name for name, tensor in routing.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise DamagedCheckpoint(f"the checkpoint {path} holds non-finite weights ({bad[0]})")
+    return Checkpoint(step, routing, optimizer)
+
+
+def intact_checkpoint(run_dir: str | os.PathLike, with_optimizer: bool = True) -> tuple[Checkpoint | None, list[str]]:
+    """The run's newest intact checkpoint (None: it has none yet) and what was wrong with each newer damaged one.
+
+    A run whose every checkpoint is damaged raises ToMoEError.
+    """
+    damaged = []
+    for path in checkpoint_dirs(run_dir):
+        try:
+            return _read_checkpoint(path, with_optimizer), damaged
+        except DamagedCheckpoint as error:
+            damaged.append(str(error))
+    if damaged:
+        raise ToMoEError(f"{damaged[0]}, and no intact checkpoint is left in {run_dir}; the run has to be trained again.")
+    return None, damaged
 
 
 def load_checkpoint(run_dir: str | os.PathLike, with_optimizer: bool = True) -> Checkpoint | None:
-    """The newest complete checkpoint of a run, or None if it has none yet."""
-    path = latest_checkpoint_dir(run_dir)
-    if path is None:
-        return None
-    try:
-        routing = load_file(str(path / "routing.safetensors"))
-        step = json.loads((path / "trainer_state.json").read_text())["step"]
-        optimizer = torch.load(path / "optimizer.pt", weights_only=True) if with_optimizer and (path / "optimizer.pt").is_file() else None
-        rng = torch.load(path / "rng.pt", weights_only=False) if (path / "rng.pt").is_file() else {}
-    except (SafetensorError, OSError, RuntimeError, KeyError, json.JSONDecodeError) as error:
-        raise ToMoEError(f"the checkpoint in {path} is corrupt ({type(error).__name__}: {error}).") from None
-    return Checkpoint(step, routing, optimizer, rng)
+    """The checkpoint to continue training from: the newest intact one (None: none yet). A damaged newer one is
+    passed over with a :class:`DamagedCheckpointWarning`; the steps after the one used are trained again."""
+    checkpoint, damaged = intact_checkpoint(run_dir, with_optimizer)
+    for problem in damaged:
+        warnings.warn(f"{problem}; continuing from the intact checkpoint of step {checkpoint.step}.", DamagedCheckpointWarning, stacklevel=2)
+    return checkpoint
 
 
-def load_routing(run_dir: str | os.PathLike, model, info: RunInfo | None = None):
+def inference_checkpoint(run_dir: str | os.PathLike, info: RunInfo) -> Checkpoint:
+    """The checkpoint a finished run's model is made of: its final one (an unfinished run: its newest intact one)."""
+    checkpoint, damaged = intact_checkpoint(run_dir, with_optimizer=False)
+    if checkpoint is None:
+        raise ToMoEError(f"the run {run_dir} has no checkpoint yet; train it first (`tomoe convert --resume --out {run_dir}`).")
+    if damaged and info.status == "finished":
+        raise ToMoEError(f"{damaged[0]}: the run's final weights are lost. Its newest intact checkpoint is step {checkpoint.step} of "
+                         f"{info.train.steps}; `tomoe convert --resume --out {run_dir}` trains the steps after it again.")
+    for problem in damaged:
+        warnings.warn(f"{problem}; using the intact checkpoint of step {checkpoint.step}.", DamagedCheckpointWarning, stacklevel=2)
+    return checkpoint
+
+
+def load_routing(run_dir: str | os.PathLike, model, info: RunInfo | None = None, checkpoint: Checkpoint | None = None):
     """Attach the run's trained routing to ``model`` (its dense base) in deterministic mode.
 
     The run's ``method`` says which routing that is: ToMoE's (also the static baselines', with one expert) or a
-    baseline's own module (split-moe).
+    baseline's own module (split-moe). ``checkpoint``: the run's :func:`inference_checkpoint` if already read.
     """
     from tomoe.methods import get_method
 
     info = info or read_run(run_dir)
-    checkpoint = load_checkpoint(run_dir, with_optimizer=False)
-    if checkpoint is None:
-        raise ToMoEError(f"the run {run_dir} has no checkpoint yet; train it first (`tomoe convert --resume --out {run_dir}`).")
+    checkpoint = checkpoint or inference_checkpoint(run_dir, info)
     routing = get_method(info.method).attach(model, info.tomoe, info.method_config)
     try:
         routing.load_state_dict(checkpoint.routing)
@@ -302,7 +384,8 @@ def load_run_for_inference(run_dir: str | os.PathLike, device: str | torch.devic
     from tomoe.loading import load_model, load_tokenizer, resolve_model_source
 
     info = read_run(run_dir)
-    source = resolve_model_source(info.train.model)
+    checkpoint = inference_checkpoint(run_dir, info)  # small: a damaged one fails before the model is loaded
+    source = resolve_model_source(info.train.model, what=f"the base model of the run {run_dir}")
     model = load_model(source, device=device)
-    model.__dict__["tomoe_routing"] = load_routing(run_dir, model, info)
+    model.__dict__["tomoe_routing"] = load_routing(run_dir, model, info, checkpoint)
     return model, load_tokenizer(source)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from tomoe.errors import ToMoEError
 
@@ -27,13 +28,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.run(args) or 0
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warnings(args.command, warnings.showwarning)
+            return args.run(args) or 0
     except ToMoEError as error:
         print(f"tomoe {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"tomoe {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line_warnings(command: str, show):
+    """tomoe's own warnings as one line each, like its errors; other libraries' warnings as they print them."""
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if category.__module__.startswith("tomoe"):
+            print(f"tomoe {command}: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return showwarning
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -71,9 +71,12 @@ def _load_exported(folder: Path):
     import tomoe  # noqa: F401  (importing the package registers model_type "tomoe" with the Auto classes)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
+    from tomoe.loading import LOAD_ERRORS, check_weight_files, one_line
+
+    check_weight_files(folder)
+    try:  # tomoe's own registered classes: the folder's copy of the modeling code is never imported
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as error:
-        raise ToMoEError(f"Could not load the exported tomoe model in {str(folder)!r}: {error}") from None
+    except LOAD_ERRORS as error:
+        raise ToMoEError(f"Could not load the exported tomoe model in {str(folder)!r}: {one_line(error)}") from None
     return model, tokenizer

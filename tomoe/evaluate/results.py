@@ -60,6 +60,10 @@ def read_json(path: str | os.PathLike) -> dict:
         results = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ToMoEError(f"--compare: results file {str(path)!r} does not exist.") from None
+    except IsADirectoryError:
+        raise ToMoEError(f"--compare: {str(path)!r} is a folder; pass results files written by tomoe eval --json.") from None
+    except OSError as error:
+        raise ToMoEError(f"--compare: cannot read {str(path)!r} ({error.strerror or error}).") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ToMoEError(f"--compare: {str(path)!r} is not a JSON file ({error}); pass files written by tomoe eval --json.") from None
     if not isinstance(results, dict) or results.get("format") != FORMAT:

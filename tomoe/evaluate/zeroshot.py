@@ -7,6 +7,7 @@ which download their datasets from the Hugging Face hub.
 
 from __future__ import annotations
 
+import json
 import logging
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,13 +45,61 @@ def parse_tasks(spec: str) -> list[str]:
 def local_task_root(tasks: list[str], data_dir: Path | None) -> Path | None:
     """The folder holding ``<task>/eval.jsonl`` for every task (``None`` without a data folder).
 
-    Called before any model is loaded, so a missing file fails fast.
+    Called before any model is loaded, so a missing or malformed file fails fast.
     """
     if data_dir is None or not tasks:
         return None
     for task in tasks:
-        zeroshot_file(data_dir, task)
+        check_task_file(task, zeroshot_file(data_dir, task))
     return zeroshot_dir(data_dir)
+
+
+def _strings(value, count: int | None = None) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value) and (count is None or len(value) == count)
+
+
+def _integer(value, below: int) -> bool:
+    """An int, or a string of one (HellaSwag stores its label as "3"), in [0, below)."""
+    return (isinstance(value, int) or (isinstance(value, str) and value.isdigit())) and 0 <= int(value) < below
+
+
+# What each task's prompt (tomoe/tasks/<task>.yaml) reads from a document: a description of the fields for messages,
+# and a check that the document has them.
+TASK_SCHEMAS = {
+    "arc": ('"question" (text), "choices" ({"text": [...], "label": [...]}), "answerKey" (one of the labels)',
+            lambda d: isinstance(d.get("question"), str) and isinstance(d.get("choices"), dict)
+            and _strings(d["choices"].get("text")) and _strings(d["choices"].get("label"), len(d["choices"].get("text") or []))
+            and d.get("answerKey") in d["choices"]["label"]),
+    "piqa": ('"goal", "sol1", "sol2" (text), "label" (0 or 1)',
+             lambda d: all(isinstance(d.get(k), str) for k in ("goal", "sol1", "sol2")) and _integer(d.get("label"), 2)),
+    "hellaswag": ('"activity_label", "ctx" (text), "endings" (a list of texts), "label" (the index of the right ending)',
+                  lambda d: isinstance(d.get("activity_label"), str) and isinstance(d.get("ctx"), str)
+                  and _strings(d.get("endings")) and _integer(d.get("label"), len(d["endings"]))),
+    "winogrande": ('"sentence" (text with one "_"), "option1", "option2" (text), "answer" ("1" or "2")',
+                   lambda d: isinstance(d.get("sentence"), str) and "_" in d["sentence"]
+                   and isinstance(d.get("option1"), str) and isinstance(d.get("option2"), str) and str(d.get("answer")) in ("1", "2")),
+}
+
+
+def check_task_file(task: str, path: Path) -> None:
+    """Every line of a local ``eval.jsonl`` is a JSON object with the fields ``task``'s prompt reads (cheap, and it
+    turns a template error deep inside lm-eval into one line naming the file and line)."""
+    fields, valid = TASK_SCHEMAS[task.split("_")[0]]
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ToMoEError(f"Zero-shot file {str(path)!r} is not UTF-8 text; it must hold one JSON object a line.") from None
+    if not any(line.strip() for line in lines):
+        raise ToMoEError(f"Zero-shot file {str(path)!r} is empty; it must hold one JSON object a line with {fields}.")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            doc = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ToMoEError(f"Zero-shot file {str(path)!r} line {number} is not JSON ({error.msg}); each line must be one JSON object.") from None
+        if not (isinstance(doc, dict) and valid(doc)):
+            raise ToMoEError(f"Zero-shot file {str(path)!r} line {number} is not a {task} document: each line needs {fields}.")
 
 
 class _DropCustomDatasetHint(logging.Filter):

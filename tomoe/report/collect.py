@@ -160,21 +160,18 @@ def collect(source: str | Path, text_file: str | Path | None = None) -> ReportDa
 @torch.no_grad()
 def collect_exported(model_dir: Path, text_file: str | Path | None = None) -> ReportData:
     """ReportData of a folder written by ``tomoe export --format tomoe``, read from its experts and routers."""
-    import json
-
-    from transformers import AutoTokenizer
-
     from types import SimpleNamespace
 
     from tomoe.families import get_family
-    from tomoe.info import load_exported
+    from tomoe.info import load_exported, read_export_metadata
+    from tomoe.loading import ModelSource, load_tokenizer
 
     text, caption = read_sample_text(text_file)
     model, kind = load_exported(model_dir)
     if kind != "tomoe":
         raise ToMoEError(f"{model_dir} is a {kind} export, which keeps no routing details; report the run directory or a --format tomoe export instead.")
-    config, exported = model.config, json.loads((model_dir / "tomoe_export.json").read_text())
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    config, exported = model.config, read_export_metadata(model_dir)
+    tokenizer = load_tokenizer(ModelSource(str(model_dir)))
     input_ids, pieces, truncated = tokenize_sample(tokenizer, text, min(MAX_SAMPLE_TOKENS, config.max_position_embeddings))
     routed: dict[int, list[int]] = {}
     handles = [
