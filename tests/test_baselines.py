@@ -332,6 +332,7 @@ def test_teal_gather_decode_equals_the_masked_dense_path(tiny_llama, sample_ids)
     assert isinstance(down.forward, teal._GatherForward) and down.weight.stride() == (1, 64)  # W^T kept once, W a view
     token = torch.where(torch.arange(128) % 3 == 0, torch.randn(128), torch.zeros(128)).view(1, 1, 128)
     torch.testing.assert_close(down.forward(token), token @ down.weight.T, atol=1e-6, rtol=0)  # the gather itself
+    assert torch.equal(down.forward(torch.zeros(1, 1, 128)), torch.zeros(1, 1, 64))  # no column read: an empty sum
 
 
 def test_teal_run_is_training_free_and_evaluates(tmp_path, tiny_model_dir, tiny_text_file, capsys):

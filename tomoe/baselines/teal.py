@@ -196,7 +196,8 @@ class _GatherForward:
             return F.linear(x, self.weight_t.t(), self.bias)
         flat = x.reshape(-1)
         columns = flat.nonzero().squeeze(-1)
-        out = F.embedding_bag(columns.unsqueeze(0), self.weight_t, per_sample_weights=flat[columns].unsqueeze(0), mode="sum")
+        start = torch.zeros(1, dtype=torch.long, device=x.device)  # one bag; an empty one (all inputs zero) sums to 0
+        out = F.embedding_bag(columns, self.weight_t, start, per_sample_weights=flat[columns], mode="sum")
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], -1)
