@@ -499,11 +499,10 @@ def run(args: argparse.Namespace) -> int:
         return cached(path, compute)
 
     rows_path = out / "quality.json"
-    old_rows = json.loads(rows_path.read_text()) if rows_path.is_file() else []
     rows = []
 
-    def publish():  # partial results survive a kill
-        merged = merge_rows(old_rows, rows)
+    def publish():  # partial results survive a kill; re-read, so that runs in parallel add up
+        merged = merge_rows(json.loads(rows_path.read_text()) if rows_path.is_file() else [], rows)
         atomic_write_text(rows_path, json.dumps(merged, indent=2) + "\n")
         plotted = plot_speed(merged, out / "quality_speed.png")
         atomic_write_text(out / "quality.md", markdown(merged, notes, "quality_speed.png" if plotted else None))
