@@ -1,17 +1,19 @@
 """What each change to ToMoE's training does: ToMoE with one setting changed at a time, on the quick budget.
 
     python benchmarks/quality_ablations.py                         # every variant at p = 0.7
-    python benchmarks/quality_ablations.py --variants default,attention-none --threads 1   # a subset (runs in parallel)
+    python benchmarks/quality_ablations.py --variants default,before-noise --threads 1   # a subset (runs in parallel)
     python benchmarks/quality_ablations.py --table-only            # rebuild the table from the cached rows
 
 Each variant trains ToMoE on the embedded SmolLM2-135M-Instruct with the quick budget of quality.py (60 steps of
 2 x 256 tokens, lr 1e-2, seed 0) and one change from today's defaults, then scores the run as quality.py does
 (``tomoe eval``'s deterministic routing, WikiText-2 perplexity over the first 8 windows of 2048 tokens).
 
-The ``before-*`` variants (dynamic attention, no floor) put back one piece of the training as it was before issue 16 (logistic mask noise, one mask
-sample per expert shared by all tokens, KD weight 1 with the MLP mask applied once and R_L = N sum F P, no target
-warm-up), so each row shows what its change is worth against the ``attention-dynamic`` row; ``before-all`` reverts all of them
-together. The library keeps no switch for the first three: this script swaps the functions in for its own runs.
+The ``before-*`` variants put back one piece of the training as it was before issue 16 (logistic mask noise, KD
+weight 1 with R_L = N sum F P, one mask sample per expert shared by all tokens, no target warm-up), so each row shows
+what its change is worth against ``default``; ``reference-mask-twice`` applies the MLP mask as the reference
+implementation does. The library keeps no switch for those pieces of code: this script swaps them in for its own runs.
+The training before issue 16 with attention dense is the ``attention-none`` row of the previous table (47.4, final
+KD 0.83; git history of quality_ablations.md).
 
 Each variant's row is cached in ``--work-dir`` next to its run directory, so variants can run in separate processes
 at once (``--threads 1`` each) and the table is assembled from whatever is cached. Results:
@@ -34,20 +36,16 @@ from quality import BUDGETS, budget_train_config  # the benchmark these ablation
 REPO = Path(__file__).resolve().parents[1]
 NUM_EXPERTS = 8
 BALANCE_BEFORE = {"kd_weight": 1.0, "gamma": float(NUM_EXPERTS)}  # R_L = N sum F P is gamma = N on today's sum F P
-DYNAMIC = {"attention": "dynamic", "attention_floor": 0.0}  # the before-* rows compare against attention-dynamic
 # variant -> (ToMoEConfig changes, TrainConfig changes, code swapped in (see swapped_code), what it shows)
 VARIANTS: dict[str, tuple[dict, dict, tuple[str, ...], str]] = {
-    "default": ({}, {}, (), "today's defaults"),
-    "before-noise": (DYNAMIC, {}, ("logistic-noise",), "item 1: logistic noise (two Gumbel samples) instead of Eq. 15's one"),
-    "before-per-token": (DYNAMIC, {}, ("shared-mask-sample",), "item 3: one mask sample per expert, shared by all tokens"),
-    "before-balance": ({**DYNAMIC, **BALANCE_BEFORE}, {}, ("mask-once",), "item 2: KD x1, MLP mask applied once, R_L = N sum F P"),
-    "before-warmup": ({**DYNAMIC, "budget_warmup": 0.0}, {}, (), "item 4: R_P aims at p from the first step"),
-    "before-all": ({**DYNAMIC, **BALANCE_BEFORE, "budget_warmup": 0.0}, {}, ("logistic-noise", "shared-mask-sample", "mask-once"),
-                   "items 1-4 reverted together: the training before issue 16"),
-    "attention-none": ({"attention": "none"}, {}, (), "item 5: attention dense, only the MLPs pruned"),
-    "attention-floor-0.9": ({"attention": "dynamic", "attention_floor": 0.9}, {}, (), "item 5: dynamic attention keeps >= 90% of its weights"),
-    "attention-floor-0.75": ({"attention": "dynamic", "attention_floor": 0.75}, {}, (), "item 5: dynamic attention keeps >= 75% of its weights"),
-    "attention-dynamic": (DYNAMIC, {}, (), "items 1-4 with dynamic attention and no floor: what the before-* rows revert"),
+    "default": ({}, {}, (), "today's defaults (attention auto: dense on SmolLM2's 64-dim heads)"),
+    "before-noise": ({}, {}, ("logistic-noise",), "item 1: logistic noise (two Gumbel samples) instead of Eq. 15's one"),
+    "before-balance": (BALANCE_BEFORE, {}, (), "item 2: KD x1 and R_L = N sum F P"),
+    "reference-mask-twice": ({}, {}, ("mask-twice",), "item 2: the MLP mask on act(gate) and on up (squared), as the reference"),
+    "before-per-token": ({}, {}, ("shared-mask-sample",), "item 3: one mask sample per expert, shared by all tokens"),
+    "before-warmup": ({"budget_warmup": 0.0}, {}, (), "item 4: R_P aims at p from the first step"),
+    "attention-dynamic": ({"attention": "dynamic"}, {}, (), "item 5: attention pruned too (static Q/K, per-token V/O)"),
+    "attention-floor-0.9": ({"attention": "dynamic", "attention_floor": 0.9}, {}, (), "item 5: pruned attention keeps >= 90% of its weights"),
     "lr-3e-3": ({}, {"lr": 3e-3}, (), "a smaller learning rate"),
 }
 
@@ -72,17 +70,18 @@ def swapped_code(names: tuple[str, ...]):
     def shared_sample(one_hot, logits, tau, offset):
         return one_hot @ routing.st_gumbel_sigmoid(logits, tau, offset, stochastic=True)
 
-    def mask_once_hook(self, index):
+    def mask_twice_hook(self, index):
         def hook(module, args):
             if self.state is None:
                 return None
-            return (args[0] * self.state.channel_masks[index].to(args[0].dtype),) + args[1:]
+            mask = self.state.channel_masks[index].to(args[0].dtype)
+            return (args[0] * (mask * mask),) + args[1:]
         return hook
 
     patches = {
         "logistic-noise": lambda: mock.patch.object(routing, "st_gumbel_sigmoid", logistic_sigmoid),
         "shared-mask-sample": lambda: mock.patch.object(routing.MLPRouting, "token_masks", staticmethod(shared_sample)),
-        "mask-once": lambda: mock.patch.object(ToMoERouting, "_mlp_mask_hook", mask_once_hook),
+        "mask-twice": lambda: mock.patch.object(ToMoERouting, "_mlp_mask_hook", mask_twice_hook),
     }
     with contextlib.ExitStack() as stack:
         for name in names:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from tomoe.errors import ToMoEError
 
-ATTENTION_MODES = ("dynamic", "none")
+ATTENTION_MODES = ("auto", "dynamic", "none")
 
 
 @dataclass
@@ -20,7 +20,8 @@ class ToMoEConfig:
 
     target_active: float = 0.5
     num_experts: int = 8
-    attention: str = "dynamic"  # "dynamic": static Q/K + per-token V/O masks; "none": attention stays dense
+    # "dynamic": static Q/K + per-token V/O masks; "none": attention stays dense; "auto": tomoe.patch.resolve_attention
+    attention: str = "auto"
     expert_embed_dim: int = 128  # d_e, the width of the expert embeddings E
     hypernet_input_dim: int = 32  # z ~ N(0, 1) of size N x 32 per structure (App. A.1)
     hypernet_hidden_dim: int = 64  # Bi-GRU(32, 64): two directions give d_e = 128

@@ -21,6 +21,7 @@ what the exported MoE computes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -88,19 +89,35 @@ class HookedRouting(nn.Module):
     def _mlp_mask_hook(self, index: int):
         """Multiplies the input of down_proj, the intermediate activation ``act(gate) * up``, by the channel mask.
 
-        The mask enters squared: that is the mask applied to ``act(gate)`` and to ``up`` separately, as the reference
-        implementation does. The forward value is the same (the mask is 0/1); the straight-through gradient reaching a
-        kept channel's mask is twice that of a single product, which sets the balance between KD and the
-        regularisers on the MLP masks to the reference's.
+        Once: the reference implementation masks ``act(gate)`` and ``up`` separately, i.e. by the mask squared, which
+        gives a kept channel twice the KD gradient and a dropped one none; measured on the embedded model that doubles
+        the perplexity at p = 0.7 (benchmarks/results/quality_ablations.md), so the single product stays.
         """
 
         def hook(module, args):
             if self.state is None:
                 return None
-            mask = self.state.channel_masks[index].to(args[0].dtype)
-            return (args[0] * (mask * mask),) + args[1:]
+            return (args[0] * self.state.channel_masks[index].to(args[0].dtype),) + args[1:]
 
         return hook
+
+
+SMALL_HEAD_DIM = 128  # heads narrower than this keep attention dense under attention="auto"
+
+
+def resolve_attention(config: ToMoEConfig, geometry: Geometry) -> ToMoEConfig:
+    """``config`` with ``attention="auto"`` replaced by the mode for this model.
+
+    "none" (attention dense, the budget spent on the MLPs) when heads are narrower than 128 dims and the MLPs can
+    meet the target with a tenth of the weights to spare; "dynamic" otherwise. Measured on SmolLM2-135M (64-dim
+    heads) at p = 0.7, pruning attention costs several times the perplexity of pruning the MLPs deeper
+    (benchmarks/results/quality_ablations.md); the paper's 128-dim heads lose little to it (its Tab. 13).
+    """
+    if config.attention != "auto":
+        return config
+    attention_share = geometry.attention_params(geometry.head_dim, geometry.head_dim) / geometry.dense_params_per_layer
+    dense = geometry.head_dim < SMALL_HEAD_DIM and config.target_active > attention_share + 0.1
+    return dataclasses.replace(config, attention="none" if dense else "dynamic")
 
 
 class ToMoERouting(HookedRouting):
@@ -109,6 +126,7 @@ class ToMoERouting(HookedRouting):
     def __init__(self, model: nn.Module, config: ToMoEConfig):
         config.validate()
         super().__init__(model)
+        config = resolve_attention(config, self.geometry)
         self.config = config
         geo = self.geometry
         self.dynamic_attention = config.attention == "dynamic"

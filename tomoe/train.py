@@ -45,7 +45,7 @@ from tomoe.families import get_family
 from tomoe.losses import budget_target, kd_loss, tomoe_objective
 from tomoe.measure import summarize_routing
 from tomoe.methods import Method, get_method
-from tomoe.patch import HookedRouting, ToMoERouting
+from tomoe.patch import HookedRouting, ToMoERouting, resolve_attention
 from tomoe.run import (
     EXECUTION_SETTINGS,
     RunInfo,
@@ -121,6 +121,7 @@ def prepare_run(run_dir: Path, tomoe_config: ToMoEConfig, train_config: TrainCon
     model_config = load_config(source)
     family = get_family(model_config)
     geometry = family.geometry(model_config)
+    tomoe_config = resolve_attention(tomoe_config, geometry)  # the run directory records the mode it trained
     context = getattr(model_config, "max_position_embeddings", None)
     if context is not None and train_config.seq_len > context:
         raise ToMoEError(f"--seq-len {train_config.seq_len} is longer than the model's context of {context} tokens; use at most {context}.")

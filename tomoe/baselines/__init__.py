@@ -33,7 +33,7 @@ DEFAULT_CALIBRATION_BLOCKS = 16  # 4096 tokens at the quick preset's 256-token b
 # Every runner passes ``convert_options`` (resume, progress, cpu) on to tomoe.train.convert.
 
 
-def run_static_learned(run_dir: str | Path, target_active: float, train_config: TrainConfig, attention: str = "dynamic",
+def run_static_learned(run_dir: str | Path, target_active: float, train_config: TrainConfig, attention: str = "auto",
                        **convert_options) -> RunInfo:
     """Train ToMoE with a single expert: static masks learned by the same objective and loop."""
     from tomoe.train import convert
@@ -42,7 +42,7 @@ def run_static_learned(run_dir: str | Path, target_active: float, train_config: 
     return convert(run_dir, config, train_config, method="static-learned", **convert_options)
 
 
-def run_static_magnitude(run_dir: str | Path, target_active: float, train_config: TrainConfig, attention: str = "dynamic",
+def run_static_magnitude(run_dir: str | Path, target_active: float, train_config: TrainConfig, attention: str = "auto",
                          calibration_blocks: int = DEFAULT_CALIBRATION_BLOCKS, **convert_options) -> RunInfo:
     """Magnitude-pruned static masks at ``target_active``, then ``train_config.steps`` steps of training (0: none)."""
     from tomoe.train import convert

@@ -48,7 +48,7 @@ def register(subparsers) -> None:
     parser.add_argument("--experts", type=int, metavar="N", help="split-moe: experts per MLP, a divisor of its width (default: chosen with k)")
     parser.add_argument("--top-k", type=int, metavar="K", help="split-moe: experts per token (default: the largest that fits P)")
     parser.add_argument("--partition", choices=PARTITIONS, help="split-moe: how channels are split (default kmeans)")
-    parser.add_argument("--attention", choices=ATTENTION_MODES, help="static methods: 'dynamic' (default) prunes head dims too; 'none' keeps attention dense")
+    parser.add_argument("--attention", choices=ATTENTION_MODES, help="static methods: 'auto' (default, as tomoe convert), 'dynamic' prunes head dims too, 'none' keeps attention dense")
     parser.add_argument("--calibration-blocks", type=int, metavar="C", help="static-magnitude, split-moe, teal: training blocks the initialisation reads (default 16)")
     parser.set_defaults(run=run)
 
@@ -75,10 +75,15 @@ def build_train_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from tomoe.baselines import run_baseline
+    from tomoe.cli.checks import check_output_dir
+    from tomoe.cli.convert import prepare_resume
 
+    check_output_dir(args.out, "--out")
     options = build_options(args)
+    train_config = build_train_config(args)
+    prepare_resume(args, args.method, options)
     began = time.time()
-    info = run_baseline(args.method, args.out, args.target_active, build_train_config(args), resume=args.resume,
+    info = run_baseline(args.method, args.out, args.target_active, train_config, resume=args.resume,
                         progress=not args.quiet, cpu=args.cpu, **options)
     result = info.result
     print(
