@@ -72,7 +72,7 @@ def test_magnitude_scores_equal_a_hand_computation(tiny_llama, sample_ids):
     vo = torch.tensor([sum(a[:, hd, i].norm() * o[:, hd, i].norm() for hd in range(heads)) for i in range(head_dim)])
     mlp_scores = torch.tensor([h[:, j].norm() * mlp.down_proj.weight[:, j].double().norm() for j in range(h.shape[1])])
 
-    routing = attach(tiny_llama, ToMoEConfig(num_experts=1))
+    routing = attach(tiny_llama, ToMoEConfig(attention="dynamic", num_experts=1))
     scores = magnitude.magnitude_scores(tiny_llama, routing, sample_ids, batch_size=3)  # a last, shorter batch
     torch.testing.assert_close(scores.qk[1], qk.double())
     torch.testing.assert_close(scores.vo[1], vo.double())
@@ -83,7 +83,7 @@ def test_magnitude_scores_equal_a_hand_computation(tiny_llama, sample_ids):
 def test_static_magnitude_routing_keeps_exactly_the_chosen_channels_at_the_target(tiny_llama, sample_ids):
     with torch.no_grad():
         dense = tiny_llama(sample_ids).logits
-    routing = attach(tiny_llama, ToMoEConfig(num_experts=1, target_active=0.6))
+    routing = attach(tiny_llama, ToMoEConfig(attention="dynamic", num_experts=1, target_active=0.6))
     scores = magnitude.magnitude_scores(tiny_llama, routing, sample_ids)
     kept = magnitude.select_channels(scores, routing.geometry, routing.qk_groups, 0.6, dynamic_attention=True)
     magnitude.set_static_masks(routing, kept)
@@ -387,9 +387,9 @@ def test_bad_input_is_a_clear_error_before_any_work(tmp_path, tiny_model_dir, ti
     with pytest.raises(ToMoEError, match="partition must be one of"):
         run_split_moe(tmp_path / "c", 0.7, config, partition="spectral")
     with pytest.raises(ToMoEError, match="only a method with a training-free initialisation"):
-        convert(tmp_path / "d", ToMoEConfig(), _train_config(tiny_model_dir, tiny_text_file, steps=0), progress=False)
+        convert(tmp_path / "d", ToMoEConfig(attention="dynamic"), _train_config(tiny_model_dir, tiny_text_file, steps=0), progress=False)
     with pytest.raises(ToMoEError, match="single expert"):
-        convert(tmp_path / "e", ToMoEConfig(num_experts=2), config, method="static-learned", progress=False)
+        convert(tmp_path / "e", ToMoEConfig(attention="dynamic", num_experts=2), config, method="static-learned", progress=False)
     assert main(["baseline", "static-learned", "--target-active", "0.5", "--top-k", "2", "--out", str(tmp_path / "f")]) == 2
     assert "--top-k does not apply to static-learned" in capsys.readouterr().err
     assert not any((tmp_path / name).exists() for name in "abcdef")

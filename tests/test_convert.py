@@ -24,28 +24,25 @@ def _routing_weights(run_dir):
     return load_file(str(latest_checkpoint_dir(run_dir) / "routing.safetensors"))
 
 
-def test_training_moves_active_ratio_to_target_and_kd_recovers(tmp_path, tiny_model_dir, tiny_text_file):
-    info = convert(tmp_path / "run", ToMoEConfig(target_active=0.5), _train_config(tiny_model_dir, tiny_text_file, steps=200, save_every=100, log_every=5), progress=False)
+def test_training_moves_active_ratio_to_target_from_a_student_equal_to_its_teacher(tmp_path, tiny_model_dir, tiny_text_file):
+    info = convert(tmp_path / "run", ToMoEConfig(attention="dynamic", target_active=0.5), _train_config(tiny_model_dir, tiny_text_file, steps=200, save_every=100, log_every=5), progress=False)
     log = read_log(tmp_path / "run")
     assert info.status == "finished" and log[-1]["step"] == 200
     assert log[0]["active_ratio"] > 0.85  # offset b = 3 starts every expert near the full width
     late = [r["active_ratio"] for r in log[-10:]]
     assert abs(sum(late) / len(late) - 0.5) < 0.05
-    # Deterministic thresholds keep the channels whose logits sit just above the boundary, which Gumbel noise drops
-    # about half the time in training, so on this tiny model the exported ratio lands above the trained one: 0.54-0.61
-    # over seeds and thread counts after 200 steps (0.49 for SmolLM2 after the quick preset).
+    # The deterministic masks keep what training keeps more often than not; on this tiny model (few channels, attention
+    # pruned) the exported ratio spreads around the trained one over seeds and thread counts.
     assert 0.45 < info.result["active_ratio"] < 0.65
-    kd = [r["kd"] for r in log]
-    peak = max(range(len(kd)), key=kd.__getitem__)
-    # KD peaks while the masks shrink and falls again afterwards; where the peak lands depends on the machine's
-    # floating-point bits (seen at log entries 20-35 of 40), so only ask that the run ends below it.
-    assert peak < len(kd) - 1 and kd[-1] < kd[peak]
+    # Eq. 15's single Gumbel sample keeps every channel at offset b = 3 (P(drop) = exp(-e^3) ~ 2e-9), so the student
+    # starts as its teacher; the logistic noise used before dropped ~5% of the channels at random (KD 1.4 on SmolLM2).
+    assert log[0]["kd"] < 1e-4
     assert len(info.result["expert_widths"]) == 2 and len(info.result["expert_widths"][0]) == 8
 
 
 def test_same_seed_same_result_and_other_seed_differs(tmp_path, tiny_model_dir, tiny_text_file):
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
-        convert(tmp_path / name, ToMoEConfig(), _train_config(tiny_model_dir, tiny_text_file, seed=seed), progress=False)
+        convert(tmp_path / name, ToMoEConfig(attention="dynamic"), _train_config(tiny_model_dir, tiny_text_file, seed=seed), progress=False)
     a, b, c = (_routing_weights(tmp_path / n) for n in "abc")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
@@ -53,7 +50,7 @@ def test_same_seed_same_result_and_other_seed_differs(tmp_path, tiny_model_dir, 
 
 def test_resume_after_interruption_reproduces_uninterrupted_run(tmp_path, tiny_model_dir, tiny_text_file, monkeypatch):
     config = _train_config(tiny_model_dir, tiny_text_file)
-    convert(tmp_path / "full", ToMoEConfig(), config, progress=False)
+    convert(tmp_path / "full", ToMoEConfig(attention="dynamic"), config, progress=False)
 
     real_step, calls = tomoe.train.training_step, {"n": 0}
 
@@ -65,12 +62,12 @@ def test_resume_after_interruption_reproduces_uninterrupted_run(tmp_path, tiny_m
 
     monkeypatch.setattr(tomoe.train, "training_step", interrupted_step)
     with pytest.raises(KeyboardInterrupt):
-        convert(tmp_path / "cut", ToMoEConfig(), config, progress=False)
+        convert(tmp_path / "cut", ToMoEConfig(attention="dynamic"), config, progress=False)
     monkeypatch.setattr(tomoe.train, "training_step", real_step)
     assert read_run(tmp_path / "cut").status == "running"
     with pytest.raises(ToMoEError, match="--resume"):
-        convert(tmp_path / "cut", ToMoEConfig(), config, progress=False)
-    convert(tmp_path / "cut", ToMoEConfig(), config, resume=True, progress=False)
+        convert(tmp_path / "cut", ToMoEConfig(attention="dynamic"), config, progress=False)
+    convert(tmp_path / "cut", ToMoEConfig(attention="dynamic"), config, resume=True, progress=False)
     full, cut = _routing_weights(tmp_path / "full"), _routing_weights(tmp_path / "cut")
     assert all(torch.equal(full[k], cut[k]) for k in full)
     assert [r["step"] for r in read_log(tmp_path / "cut")] == [r["step"] for r in read_log(tmp_path / "full")]
@@ -118,11 +115,11 @@ def test_unsupported_architecture_and_empty_data(tmp_path, tiny_model_dir, smol_
     gpt2 = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(smol_tokenizer))).save_pretrained(gpt2)
     with pytest.raises(ToMoEError, match="unsupported architecture 'gpt2'.*llama"):
-        convert(tmp_path / "o1", ToMoEConfig(), TrainConfig(model=str(gpt2), steps=1, seq_len=16))
+        convert(tmp_path / "o1", ToMoEConfig(attention="dynamic"), TrainConfig(model=str(gpt2), steps=1, seq_len=16))
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     with pytest.raises(ToMoEError):
-        convert(tmp_path / "o2", ToMoEConfig(), TrainConfig(model=str(tiny_model_dir), data=str(empty), steps=1, seq_len=16))
+        convert(tmp_path / "o2", ToMoEConfig(attention="dynamic"), TrainConfig(model=str(tiny_model_dir), data=str(empty), steps=1, seq_len=16))
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 
 
@@ -131,5 +128,5 @@ def test_out_holding_something_else_is_refused(tmp_path, tiny_model_dir, tiny_te
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     with pytest.raises(ToMoEError, match="holds no tomoe run"):
-        convert(out, ToMoEConfig(), _train_config(tiny_model_dir, tiny_text_file))
+        convert(out, ToMoEConfig(attention="dynamic"), _train_config(tiny_model_dir, tiny_text_file))
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]

@@ -39,7 +39,7 @@ tomoe.train.summarize_routing = capture
 report = {}
 for mode in ("ddp", "fsdp"):
     config = TrainConfig(model=model, data=data, steps=6, seq_len=32, batch_size=1, save_every=3, log_every=1, eval_blocks=2, fsdp=mode == "fsdp")
-    tomoe.train.convert(f"{root}/{mode}", ToMoEConfig(), config, progress=False, cpu=True)
+    tomoe.train.convert(f"{root}/{mode}", ToMoEConfig(attention="dynamic"), config, progress=False, cpu=True)
     rank = dist.get_rank()  # the process group exists once convert's Accelerator has started it
     save_file(seen["routing"], f"{root}/{mode}-rank{rank}.safetensors")
     report[mode] = seen["layer_weight"]
@@ -81,7 +81,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, ti
     # same micro-batches with the same noise; only the order of float additions may differ.
     torch.set_num_threads(1)
     single = tmp_path / "single"
-    convert(single, ToMoEConfig(), _train_config(tiny_model_dir, tiny_text_file, grad_accum=2), progress=False)
+    convert(single, ToMoEConfig(attention="dynamic"), _train_config(tiny_model_dir, tiny_text_file, grad_accum=2), progress=False)
     reference = load_file(str(latest_checkpoint_dir(single) / "routing.safetensors"))
     saved = load_file(str(latest_checkpoint_dir(tmp_path / "ddp") / "routing.safetensors"))
     for mode in ("ddp", "fsdp"):
@@ -103,21 +103,21 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, ti
 
     write_run(tmp_path / "ddp", run)
     with pytest.raises(Exception, match=r"trained by 2 process\(es\) and is being resumed by 1"):
-        convert(tmp_path / "ddp", ToMoEConfig(), _train_config(tiny_model_dir, tiny_text_file), resume=True, progress=False)
+        convert(tmp_path / "ddp", ToMoEConfig(attention="dynamic"), _train_config(tiny_model_dir, tiny_text_file), resume=True, progress=False)
 
 
 def test_gradient_checkpointing_replays_the_noise_and_gives_the_same_run(tmp_path, tiny_model_dir, tiny_text_file):
     """The routing hooks draw Gumbel noise inside each layer; the recomputation must draw the same noise."""
     for name, checkpointing in (("plain", False), ("checkpointed", True)):
-        convert(tmp_path / name, ToMoEConfig(), _train_config(tiny_model_dir, tiny_text_file, steps=4, batch_size=2, gradient_checkpointing=checkpointing), progress=False)
+        convert(tmp_path / name, ToMoEConfig(attention="dynamic"), _train_config(tiny_model_dir, tiny_text_file, steps=4, batch_size=2, gradient_checkpointing=checkpointing), progress=False)
     plain, checkpointed = (load_file(str(latest_checkpoint_dir(tmp_path / n) / "routing.safetensors")) for n in ("plain", "checkpointed"))
     assert all(torch.equal(plain[k], checkpointed[k]) for k in plain)
 
 
 def test_bf16_and_gradient_accumulation_run_on_cpu(tmp_path, tiny_model_dir, tiny_text_file):
-    info = convert(tmp_path / "bf16", ToMoEConfig(), _train_config(tiny_model_dir, tiny_text_file, steps=3, grad_accum=2, bf16=True), progress=False)
+    info = convert(tmp_path / "bf16", ToMoEConfig(attention="dynamic"), _train_config(tiny_model_dir, tiny_text_file, steps=3, grad_accum=2, bf16=True), progress=False)
     log = read_log(tmp_path / "bf16")
     assert info.train.bf16 is True and info.result["global_batch"] == 2
     assert all(0 < r["kd"] < 10 and r["grad_norm"] > 0 for r in log)
     assert read_run(tmp_path / "bf16").train.bf16 is True
-    assert convert(tmp_path / "auto", ToMoEConfig(), _train_config(tiny_model_dir, tiny_text_file, steps=1), progress=False).train.bf16 is False
+    assert convert(tmp_path / "auto", ToMoEConfig(attention="dynamic"), _train_config(tiny_model_dir, tiny_text_file, steps=1), progress=False).train.bf16 is False

@@ -12,7 +12,7 @@ from tomoe.train import convert
 def test_run_directory_and_its_export_give_the_same_perplexity(tmp_path, tiny_model_dir, tiny_text_file):
     run = tmp_path / "run"
     config = TrainConfig(model=str(tiny_model_dir), data=str(tiny_text_file), steps=30, seq_len=32, batch_size=2, lr=1e-2, save_every=30, log_every=10, eval_blocks=2)
-    convert(run, ToMoEConfig(num_experts=4, target_active=0.6), config, progress=False)
+    convert(run, ToMoEConfig(attention="dynamic", num_experts=4, target_active=0.6), config, progress=False)
     export_run(run, tmp_path / "moe")
     rows = tiny_text_file.read_text().split("\n")
     results = {}

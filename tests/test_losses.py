@@ -74,7 +74,7 @@ def test_load_balance_hand_computation():
 
 
 def test_active_ratio_equals_brute_force_count_of_kept_weights(tiny_llama):
-    routing = attach(tiny_llama, ToMoEConfig(num_experts=4)).eval()
+    routing = attach(tiny_llama, ToMoEConfig(attention="dynamic", num_experts=4)).eval()
     with torch.no_grad():
         for projection in [r.mask_proj for r in routing.mlp] + [p for r in routing.attention for p in (r.vo_proj, r.qk_proj)]:
             projection[2].bias.normal_(-2.5, 2.0)

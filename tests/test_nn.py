@@ -41,10 +41,11 @@ def test_gumbel_sigmoid_exact_binary_offset_and_gradient():
     logits = torch.linspace(-6, 6, 101, requires_grad=True)
     mask = st_gumbel_sigmoid(logits, tau=0.4, offset=3.0, stochastic=False)
     assert set(mask.detach().unique().tolist()) == {0.0, 1.0}
-    # Deterministic: round(sigmoid((x + b) / tau)) keeps exactly x > -b.
-    assert torch.equal(mask.detach().bool(), logits.detach() > -3.0)
+    # Deterministic: keep where training keeps more often than not, x + b > -median(Gumbel) = log(log 2).
+    median = -math.log(math.log(2.0))
+    assert torch.equal(mask.detach().bool(), logits.detach() > -3.0 - median)
     mask.sum().backward()
-    soft = torch.sigmoid((logits.detach() + 3.0) / 0.4)
+    soft = torch.sigmoid((logits.detach() + 3.0 + median) / 0.4)
     torch.testing.assert_close(logits.grad, soft * (1 - soft) / 0.4)
     torch.manual_seed(0)
     # Eq. 15: one Gumbel(0, 1) sample g per entry, so P(x + g + b > 0) = 1 - exp(-exp(x + b)). (The logistic noise
@@ -84,7 +85,7 @@ def test_qk_groups_pair_rope_dims():
 
 def test_attached_model_applies_masks_where_the_paper_says(tiny_llama):
     """Patched forward equals a hand-written masked forward of the same layer."""
-    routing = attach(tiny_llama, ToMoEConfig(num_experts=4)).eval()
+    routing = attach(tiny_llama, ToMoEConfig(attention="dynamic", num_experts=4)).eval()
     with torch.no_grad():  # spread the mask logits so that some fall below -offset and masks are not all ones
         for projection in [r.mask_proj for r in routing.mlp] + [p for r in routing.attention for p in (r.vo_proj, r.qk_proj)]:
             projection[2].bias.normal_(0, 4.0)
@@ -112,10 +113,23 @@ def test_disabled_routing_is_the_dense_model(tiny_llama):
     ids = torch.randint(0, 256, (1, 12))
     with torch.no_grad():
         dense = tiny_llama(ids).logits
-        routing = attach(tiny_llama, ToMoEConfig())
+        routing = attach(tiny_llama, ToMoEConfig(attention="dynamic"))
         with routing.disabled():
             teacher = tiny_llama(ids).logits
         routing.detach()
         detached = tiny_llama(ids).logits
     assert torch.equal(dense, teacher) and torch.equal(dense, detached)
     assert not any(p.requires_grad for p in tiny_llama.parameters())
+
+
+def test_auto_attention_keeps_small_heads_dense_when_the_mlps_can_meet_the_target():
+    from tomoe.patch import resolve_attention
+
+    small = LLAMA.geometry(type("C", (), dict(num_hidden_layers=1, hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, head_dim=64))())
+    large = type(small)(**{**small.__dict__, "head_dim": 128})
+    share = small.attention_params(64, 64) / small.dense_params_per_layer  # 0.25 for SmolLM2-135M's shapes
+    assert abs(share - 0.25) < 0.01
+    assert resolve_attention(ToMoEConfig(target_active=0.7), small).attention == "none"
+    assert resolve_attention(ToMoEConfig(target_active=0.3), small).attention == "dynamic"  # the MLPs alone cannot reach it
+    assert resolve_attention(ToMoEConfig(target_active=0.7), large).attention == "dynamic"
+    assert resolve_attention(ToMoEConfig(target_active=0.7, attention="dynamic"), small).attention == "dynamic"

@@ -78,7 +78,7 @@ def assert_not_blank(pixels: np.ndarray) -> None:
 def tiny_run(tmp_path_factory, tiny_model_dir, tiny_text_file) -> Path:
     run_dir = tmp_path_factory.mktemp("report") / "run"
     train = TrainConfig(model=str(tiny_model_dir), data=str(tiny_text_file), steps=20, seq_len=32, batch_size=2, save_every=10, log_every=2, eval_blocks=2)
-    convert(run_dir, ToMoEConfig(num_experts=4), train, progress=False)
+    convert(run_dir, ToMoEConfig(attention="dynamic", num_experts=4), train, progress=False)
     return run_dir
 
 

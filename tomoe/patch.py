@@ -29,7 +29,7 @@ from torch import nn
 
 from tomoe.config import ToMoEConfig
 from tomoe.families import FamilyAdapter, Geometry, get_family
-from tomoe.nn import AttentionRouting, HyperNetwork, MLPRouting
+from tomoe.nn import AttentionRouting, HyperNetwork, MLPRouting, deterministic_keep
 
 
 @dataclass
@@ -207,7 +207,7 @@ class ToMoERouting(HookedRouting):
         """Channels each expert keeps under deterministic routing, before padding to the widest expert."""
         mlp_embeddings = self._mlp_embeddings(self.hypernet())
         return [
-            (routing.mask_proj(mlp_embeddings[i]) + self.config.mask_offset > 0).sum(dim=-1).tolist()
+            deterministic_keep(routing.mask_proj(mlp_embeddings[i]), self.config.mask_offset).sum(dim=-1).tolist()
             for i, routing in enumerate(self.mlp)
         ]
 

@@ -7,8 +7,24 @@ deterministic decisions used at inference.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+
+# The median of Gumbel(0, 1): -log(log 2). A channel whose shifted logit exceeds minus this is kept in more than half
+# of the training samples of Eq. 15, so that is where the deterministic decision keeps it.
+GUMBEL_MEDIAN = -math.log(math.log(2.0))
+
+
+def deterministic_keep(logits: torch.Tensor, offset: float) -> torch.Tensor:
+    """The inference-time decision of Eq. 15: keep where ``x + b`` beats the median noise, ``x + b + median > 0``.
+
+    Thresholding the noise-free sigmoid at 0.5 (``x + b > 0``) would drop channels that training kept more often than
+    not (Gumbel noise has a positive median, 0.37), and the exported model would land below its target ratio.
+    """
+    return logits + offset + GUMBEL_MEDIAN > 0
 
 
 def _straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
@@ -38,9 +54,7 @@ def st_gumbel_sigmoid(logits: torch.Tensor, tau: float, offset: float, stochasti
     samples that a binary Gumbel-softmax would give): its heavier right tail keeps the initial masks, offset b = 3,
     close to all-ones, so the student starts next to its teacher.
     """
-    shifted = logits + offset
-    if stochastic:
-        shifted = shifted + _gumbel_like(logits)
+    shifted = logits + offset + (_gumbel_like(logits) if stochastic else GUMBEL_MEDIAN)  # see deterministic_keep
     soft = torch.sigmoid(shifted / tau)
     hard = (shifted > 0).to(soft.dtype)  # sigmoid(v / tau) > 0.5  <=>  v > 0
     return _straight_through(hard, soft)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tomoe.nn.gumbel import st_gumbel_sigmoid, st_gumbel_softmax
+from tomoe.nn.gumbel import deterministic_keep, st_gumbel_sigmoid, st_gumbel_softmax
 
 
 class MaskProjection(nn.Sequential):
@@ -32,7 +32,7 @@ class MLPRouting(nn.Module):
         """
         if stochastic:
             return st_gumbel_sigmoid(logits, tau, offset, stochastic)
-        width = int((logits + offset > 0).sum(dim=-1).max())
+        width = int(deterministic_keep(logits, offset).sum(dim=-1).max())
         return top_k_mask(logits, width)
 
     @staticmethod
