@@ -25,7 +25,7 @@ Budget: every trained method gets the same steps x batch x tokens of the same da
 0), the same learning rate and the same loop; the baselines' initialisations read the same calibration blocks.
 ``--budget quick`` (default): 60 steps of 2 x 256 tokens at the quick preset's lr 1e-2, perplexity over the first 8
 windows of 2048 tokens of the WikiText-2 test split (16k of its 305k tokens), zero-shot ``--limit 20`` per task.
-``--budget standard``: 150 steps of one 2048-token sequence (the evaluation's window length) at lr 3e-3, 16
+``--budget standard``: 150 steps of one 2048-token sequence (the evaluation's window length) at lr 1e-2 (the quick preset's, whose target warm-up keeps it from overshooting), 16
 windows, ``--limit 20``: at most about 40 minutes of CPU per trained run. ``--budget paper``: 10k steps of 2048
 tokens at lr 1e-3 (App. C), the whole test split, full zero-shot sets.
 
@@ -69,7 +69,7 @@ UNSTRUCTURED = ("teal",)  # each token reads other weight columns; every other m
 RATIOS = (0.7, 0.6, 0.5)
 BUDGETS = {
     "quick": dict(steps=60, seq_len=256, batch_size=2, lr=1e-2, ppl_windows=8, limit=20),
-    "standard": dict(steps=150, seq_len=2048, batch_size=1, lr=3e-3, ppl_windows=16, limit=20, save_every=25),
+    "standard": dict(steps=150, seq_len=2048, batch_size=1, lr=1e-2, ppl_windows=16, limit=20, save_every=25),
     "paper": dict(steps=10_000, seq_len=2048, batch_size=1, lr=1e-3, ppl_windows=None, limit=None),
 }
 SPEED_THREADS = 2
