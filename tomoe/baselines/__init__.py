@@ -77,7 +77,8 @@ def run_teal(run_dir: str | Path, target_active: float, train_config: TrainConfi
 
     if train_config.steps != 0:
         raise ToMoEError(f"teal is training-free (magnitude thresholds, nothing to train): it runs 0 steps, got steps={train_config.steps}.")
-    config = ToMoEConfig(target_active=target_active, num_experts=1)
+    # "dynamic": TEAL thins the attention inputs too (under "auto" small-head models would be refused low targets).
+    config = ToMoEConfig(target_active=target_active, num_experts=1, attention="dynamic")
     return convert(run_dir, config, train_config, method="teal", method_config={"calibration_blocks": calibration_blocks}, **convert_options)
 
 
