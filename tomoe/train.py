@@ -51,6 +51,7 @@ from tomoe.run import (
     RunInfo,
     TrainConfig,
     append_log,
+    discard_checkpoint,
     is_run_dir,
     load_checkpoint,
     read_run,
@@ -267,7 +268,11 @@ def convert(
         grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
         values = dict(zip(names, means.tolist()))
         if not (math.isfinite(values["loss"]) and math.isfinite(grad_norm.item())):  # the same verdict on every process
-            raise ToMoEError(non_finite_message(values, grad_norm.item(), step + 1, last_saved, run_dir, tc))
+            what = f"the loss became {values['loss']}" if not math.isfinite(values["loss"]) else f"the routing gradients became {grad_norm.item()}"
+            bad = last_saved if last_saved == step and step > 0 else None  # a checkpoint of the very weights that gave it
+            if bad is not None and main:
+                last_saved = discard_checkpoint(run_dir, bad)
+            raise ToMoEError(non_finite_message(what, values, step + 1, last_saved, bad, run_dir, tc))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -282,6 +287,8 @@ def convert(
                 record["budget_target"] = round(routing.budget_target, 6)
             append_log(run_dir, record)
         if done % tc.save_every == 0 or done == tc.steps:
+            if not all(bool(torch.isfinite(p).all()) for p in params):  # the same on every process
+                raise ToMoEError(non_finite_message("the routing weights became non-finite", values, done, last_saved, None, run_dir, tc))
             if main:
                 try:
                     save_checkpoint(run_dir, done, routing.state_dict(), optimizer.state_dict())
@@ -323,12 +330,14 @@ def noise_seed(seed: int, step: int, micro_batch: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def non_finite_message(values: dict, grad_norm: float, step: int, last_saved: int, run_dir: Path, tc: TrainConfig) -> str:
+def non_finite_message(what: str, values: dict, step: int, last_saved: int, removed: int | None, run_dir: Path, tc: TrainConfig) -> str:
+    """Why training stopped; ``removed``: the step of a checkpoint deleted because its weights gave the non-finite loss."""
     terms = ", ".join(f"{name} {value:.4g}" for name, value in values.items() if name != "loss")
-    what = f"the loss became {values['loss']}" if not math.isfinite(values["loss"]) else f"the routing gradients became {grad_norm}"
-    kept = f"the last good checkpoint (step {last_saved}) in {run_dir} is kept" if last_saved else "no checkpoint had been written yet"
+    kept = f"the last good checkpoint (step {last_saved}) in {run_dir} is kept" if last_saved else "no good checkpoint is left"
+    if removed is not None:
+        kept = f"the checkpoint of step {removed}, whose weights gave it, was removed; {kept}"
     return (
-        f"{what} at step {step} ({terms}); training stopped before that update, and {kept}. Resuming would replay the "
+        f"{what} at step {step} ({terms}); training stopped without saving it, and {kept}. Resuming would replay the "
         f"same steps: start a new run with a lower --lr (this one used {tc.lr})"
         + (" or without --bf16." if tc.bf16 else ".")
     )

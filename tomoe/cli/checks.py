@@ -5,7 +5,6 @@ A command that would fail only when it writes its output, after minutes or hours
 
 from __future__ import annotations
 
-import math
 import tempfile
 from pathlib import Path
 
@@ -46,9 +45,3 @@ def _check_creatable(path: Path, flag: str, shown: Path | None = None) -> None:
     except OSError as error:
         raise ToMoEError(f"{flag} {str(shown)!r} cannot be written: nothing can be created in {str(ancestor)!r} "
                          f"({error.strerror or error}). Pass a path in a writable folder.") from None
-
-
-def check_positive(flag: str, value: int | float | None, kind: str = "integer") -> None:
-    """``value`` (when given) is a finite number above zero."""
-    if value is not None and not (math.isfinite(value) and value > 0):
-        raise ToMoEError(f"{flag} must be a positive {kind}, got {value}.")

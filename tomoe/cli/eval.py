@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
+from tomoe.cli.checks import check_output_file
 from tomoe.errors import ToMoEError
 
 DESCRIPTION = """\
@@ -50,6 +52,8 @@ def register(subparsers) -> None:
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT (atomically)")
     parser.add_argument("--compare", nargs="+", metavar="RESULTS_JSON", help="print saved --json results side by side instead of evaluating")
+    parser.add_argument("--allow-unfinished", action="store_true", help="evaluate the latest checkpoint of an unfinished run "
+                        "(refused otherwise: its numbers are not the finished model's)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
 
@@ -67,14 +71,17 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--limit", args.limit), ("--seq-len", args.seq_len), ("--max-windows", args.max_windows), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
             raise ToMoEError(f"{flag} must be a positive integer, got {value}.")
+    if args.seq_len == 1:
+        raise ToMoEError("--seq-len must be at least 2 (one token of context and one to predict), got 1.")
     # Check every input before loading the model, which takes a while.
+    if args.json:
+        check_output_file(args.json, "--json", "results.json")
+    check_run(args.model, args.allow_unfinished)
     data_dir = resolve_data_dir(args.data_dir)
     tasks = parse_tasks(args.tasks) if args.tasks is not None else []
     local_task_root(tasks, data_dir)
     wants_ppl = args.ppl is not None or args.ppl_file is not None or not tasks
     ppl_name, rows, ppl_source = ppl_rows(args.ppl, args.ppl_file, data_dir) if wants_ppl else (None, None, None)
-    if args.json and Path(args.json).expanduser().is_dir():
-        raise ToMoEError(f"--json {args.json!r} is a folder; pass a file name such as results.json.")
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model_for_eval(args.model, device=device)
@@ -82,6 +89,9 @@ def run(args: argparse.Namespace) -> int:
     perplexity = {}
     if rows is not None:
         result = evaluate_perplexity(model, tokenizer, rows, args.seq_len, args.batch_size, progress=not args.quiet, max_windows=args.max_windows)
+        if not math.isfinite(result.ppl):
+            raise ToMoEError(f"the perplexity of {args.model or 'the model'} is {result.ppl} (mean NLL {result.nll}): its logits are not "
+                             "finite, so its weights are broken (e.g. a run that diverged). No results were written.")
         perplexity[ppl_name] = dict(result.to_dict(), source=ppl_source)
     zeroshot = evaluate_zeroshot(model, tokenizer, tasks, data_dir, args.limit, args.batch_size) if tasks else {}
 
@@ -101,14 +111,29 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_run(model: str | None, allow_unfinished: bool) -> None:
+    """A run directory given as MODEL is finished (or --allow-unfinished says to take its latest checkpoint), and its
+    checkpoint is intact: read before any model is loaded."""
+    from tomoe.run import inference_checkpoint, is_run_dir, read_run
+
+    if model is None or not is_run_dir(Path(model).expanduser()):
+        return
+    run_dir = Path(model).expanduser()
+    info = read_run(run_dir)
+    checkpoint = inference_checkpoint(run_dir, info)
+    if info.status != "finished" and not allow_unfinished:
+        raise ToMoEError(f"the run {model} is unfinished (step {checkpoint.step} of {info.train.steps}); finish it with "
+                         f"`tomoe convert --resume --out {model}`, or pass --allow-unfinished to evaluate its step-{checkpoint.step} checkpoint.")
+
+
 # Options that only make sense when evaluating (refused with --compare so nothing is silently ignored).
-EVAL_FLAGS = ("ppl", "ppl_file", "tasks", "data_dir", "limit", "seq_len", "max_windows", "device", "json")
+EVAL_FLAGS = ("ppl", "ppl_file", "tasks", "data_dir", "limit", "seq_len", "max_windows", "device", "json", "allow_unfinished")
 
 
 def compare(args: argparse.Namespace) -> int:
     from tomoe.evaluate.results import markdown_table, read_json
 
-    evaluating = [flag for flag in EVAL_FLAGS if getattr(args, flag) is not None]
+    evaluating = [flag for flag in EVAL_FLAGS if getattr(args, flag) not in (None, False)]
     if args.model or evaluating:
         raise ToMoEError(
             "--compare prints saved results and evaluates nothing; leave out MODEL and the evaluation options "

@@ -29,6 +29,31 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from tomoe.export import export_run
 
+    check_before_export(args.run_dir, args.out)
+
     out = export_run(args.run_dir, args.out, args.format, args.pad_to)
     print(f"exported {args.run_dir} -> {out} ({args.format} format)\n  next: tomoe info {out}")
     return 0
+
+
+def check_before_export(run_dir: str, out: str) -> None:
+    """Before the dense model is loaded: --out can be written, the run is finished and its final checkpoint intact;
+    then remove what an interrupted export to the same --out left behind."""
+    import shutil
+    from pathlib import Path
+
+    from tomoe.cli.checks import check_output_dir
+    from tomoe.errors import ToMoEError
+    from tomoe.run import inference_checkpoint, read_run
+
+    out_dir = check_output_dir(out, "--out")
+    info = read_run(run_dir)
+    checkpoint = inference_checkpoint(run_dir, info)
+    if info.status != "finished":
+        raise ToMoEError(f"the run {run_dir} is unfinished (step {checkpoint.step} of {info.train.steps}); an export needs its final "
+                         f"masks and measured V/O top-K: finish it with `tomoe convert --resume --out {run_dir}` first.")
+    # tomoe.export.folder.save_export writes into a temporary sibling folder and renames it; a killed export leaves it.
+    for leftover in sorted(out_dir.parent.glob(f".{out_dir.name}.tmp-*")):
+        if leftover.is_dir():
+            shutil.rmtree(leftover)
+            print(f"tomoe export: removed {leftover}, left behind by an interrupted export", flush=True)

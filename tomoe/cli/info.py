@@ -20,16 +20,10 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from tomoe.errors import ToMoEError
     from tomoe.info import format_info, model_info
+    from tomoe.report.collect import read_sample_text
 
-    text = None
-    if args.text:
-        if not Path(args.text).is_file():
-            raise ToMoEError(f"--text {args.text} does not exist.")
-        text = Path(args.text).read_text()
+    text = read_sample_text(args.text)[0] if args.text else None
     info = model_info(args.model_dir, text)
     print(json.dumps(info, indent=2) if args.json else format_info(info))
     return 0

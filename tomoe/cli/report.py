@@ -27,8 +27,10 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tomoe.cli.checks import check_output_file
     from tomoe.report import build_report
 
+    check_output_file(args.out, "--out", "report.html")
     path = build_report(args.source, args.out, text=args.text)
     print(f"report written: {path} (open it in a browser)")
     return 0
