@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen3Config
@@ -231,9 +232,71 @@ def test_pad_to_rounds_the_stock_expert_width_and_keeps_logits(models, sample_id
         tomoe.export_model(*models["tomoe"][:1], routing=models["tomoe"][1], pad_to=32)
 
 
-def test_cli_pad_to_is_checked_before_anything_is_read(tmp_path, capsys):
-    assert main(["export", str(tmp_path / "no-run"), "--out", str(tmp_path / "m"), "--pad-to", "32"]) == 2
-    assert "--pad-to applies to the stock layouts" in capsys.readouterr().err
-    assert main(["export", str(tmp_path / "no-run"), "--out", str(tmp_path / "m"), "--format", "mixtral", "--pad-to", "20"]) == 2
-    assert "--pad-to must be a positive multiple of 8" in capsys.readouterr().err
+def test_pad_to_is_checked_before_anything_is_read(tmp_path):
+    from tomoe.cli import build_parser
+
+    args = build_parser().parse_args(["export", "RUN", "--out", "M", "--format", "mixtral", "--pad-to", "256"])
+    assert (args.format, args.pad_to) == ("mixtral", 256)
+    with pytest.raises(ToMoEError, match="--pad-to applies to the stock layouts"):
+        tomoe.export.export_run(tmp_path / "no-run", tmp_path / "m", pad_to=32)
+    with pytest.raises(ToMoEError, match="--pad-to must be a positive multiple of 8"):
+        tomoe.export.export_run(tmp_path / "no-run", tmp_path / "m", "mixtral", pad_to=20)
     assert not (tmp_path / "m").exists()
+
+
+def blocked(*modules: str) -> str:
+    """Preamble of a subprocess in which ``modules`` are not installed."""
+    return f"""
+import sys, importlib.abc
+class Missing(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {modules!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}")
+sys.meta_path.insert(0, Missing())
+"""
+
+
+def test_light_install_names_the_extra_a_command_needs(tmp_path):
+    script = blocked("lm_eval", "matplotlib", "datasets") + f"""
+import tomoe
+from tomoe.cli import build_parser, main
+build_parser()
+assert not {{"lm_eval", "matplotlib", "datasets"}} & set(sys.modules), "imported at start-up"
+assert main(["report", {str(tmp_path / 'no-run')!r}, "--out", {str(tmp_path / 'r.html')!r}]) == 2
+assert main(["eval", {str(tmp_path / 'no-run')!r}, "--tasks", "piqa"]) == 2
+from tomoe.evaluate.data import hub_wikitext2_rows
+try:
+    hub_wikitext2_rows()
+except tomoe.ToMoEError as error:
+    print(error, file=sys.stderr)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert "tomoe report: error: tomoe report needs the optional package matplotlib" in lines[0] and "tomoe[report]" in lines[0]
+    assert "tomoe eval: error: zero-shot evaluation (--tasks) needs the optional package lm-eval" in lines[1] and "tomoe[eval]" in lines[1]
+    assert "needs the optional package datasets" in lines[2] and "tomoe[datasets]" in lines[2] and "--ppl-file" in lines[2]
+    assert not (tmp_path / "r.html").exists()
+
+
+@pytest.mark.parametrize("format", ["mixtral", "qwen3_moe"])
+def test_report_on_a_stock_export_recovers_the_experts(exports, models, format, tmp_path):
+    from tomoe.report import collect, write_report
+    from tomoe.report.collect import jaccard_matrix, union_coverage
+
+    routing = models[format][1]
+    with torch.no_grad():
+        true_masks = [m.bool().numpy() for m in routing.compute_static_masks().expert_masks]
+    data = collect(exports / format)
+    assert data.kind == "model" and data.attention == "none" and data.num_experts == 4 and data.intermediate_size == 128
+    assert data.expert_widths == routing.learned_expert_widths()
+    assert data.qk_dims == data.vo_topk == [16, 16]
+    assert data.details["format"] == format
+    for found, true in zip(data.expert_masks, true_masks):
+        # channels are identified by their rows, so sets (not positions) match the dense channels the experts hold
+        assert (found.sum(axis=1) == true.sum(axis=1)).all()
+        np.testing.assert_allclose(jaccard_matrix(found), jaccard_matrix(true))
+        assert union_coverage(found) == pytest.approx(union_coverage(true))
+    assert len(data.routing.experts) == 2 and all(0 <= e < 4 for layer in data.routing.experts for e in layer)
+    assert main(["report", str(exports / format), "--out", str(tmp_path / "r.html")]) == 0
+    assert "Expert widths" in (tmp_path / "r.html").read_text()

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from tomoe.errors import ToMoEError
+from tomoe.extras import require
 
 DATA_DIR_ENV = "TOMOE_DATA_DIR"
 WIKITEXT2_FILE = Path("wikitext2") / "wiki.test.raw"
@@ -57,6 +58,7 @@ def read_raw_rows(path: str | os.PathLike) -> list[str]:
 
 def hub_wikitext2_rows() -> list[str]:
     """The HF ``wikitext-2-raw-v1`` test rows; a clear error when the hub cannot be reached."""
+    require("datasets", "WikiText-2 from the Hugging Face hub (without it: --ppl-file or --data-dir with a local copy)")
     try:
         import datasets
 

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tomoe.errors import ToMoEError
+from tomoe.extras import require
 from tomoe.evaluate.data import zeroshot_dir, zeroshot_file
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
@@ -31,14 +32,16 @@ TASK_METRICS: dict[str, str] = {
 def parse_tasks(spec: str) -> list[str]:
     """``"arc_easy,piqa"`` -> ``["arc_easy", "piqa"]``; ``"all"`` is the five tasks."""
     if spec.strip() == "all":
-        return list(TASK_METRICS)
-    tasks = list(dict.fromkeys(name.strip() for name in spec.split(",") if name.strip()))
+        tasks = list(TASK_METRICS)
+    else:
+        tasks = list(dict.fromkeys(name.strip() for name in spec.split(",") if name.strip()))
     unknown = [name for name in tasks if name not in TASK_METRICS]
     if unknown or not tasks:
         raise ToMoEError(
             f"--tasks {spec!r}: unknown task(s) {', '.join(map(repr, unknown)) or '(none given)'}. "
             f"Available: {', '.join(TASK_METRICS)} (comma-separated), or 'all'."
         )
+    require("lm_eval", "zero-shot evaluation (--tasks)")
     return tasks
 
 
@@ -128,6 +131,7 @@ def evaluate_zeroshot(
     batch_size: int = 1,
 ) -> dict[str, dict]:
     """Run ``tasks`` zero-shot; returns ``{task: {"metric", "value", "stderr", "samples", "acc", "acc_norm"?}}``."""
+    require("lm_eval", "zero-shot evaluation")
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager

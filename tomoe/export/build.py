@@ -35,6 +35,11 @@ class _StockFormat:
     def legacy_aliases(self) -> dict[str, str]:
         return getattr(importlib.import_module(self.module), "LEGACY_ALIASES", {})
 
+    @property
+    def base_family(self) -> str:
+        """The family adapter that reads the layout's dense shapes (attention, hidden size) back."""
+        return importlib.import_module(self.module).FAMILIES[0]
+
 
 STOCK_FORMATS = {
     "mixtral": _StockFormat("tomoe.export.mixtral", "check_mixtral_compatible", "build_mixtral"),

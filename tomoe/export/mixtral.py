@@ -11,7 +11,8 @@ from __future__ import annotations
 from tomoe.errors import ToMoEError
 from tomoe.patch import ForwardState, ToMoERouting
 
-MIXTRAL_FAMILIES = ("llama",)
+# Run families the layout holds; the first one's adapter reads the layout's shapes back (tomoe report).
+FAMILIES = ("llama",)
 # 8 keeps transformers' grouped-matmul experts on 16-byte aligned strides; llama.cpp quantizes rows (an expert's
 # down_proj row is its width) in blocks: 32 for Q8_0 / Q4_0, 256 for the K-quants.
 DEFAULT_PAD_TO = 8
@@ -36,7 +37,7 @@ def check_dense_attention_run(attention: str, family: str, format: str, families
 
 
 def check_mixtral_compatible(attention: str, family: str) -> None:
-    check_dense_attention_run(attention, family, "mixtral", MIXTRAL_FAMILIES, "Mixtral")
+    check_dense_attention_run(attention, family, "mixtral", FAMILIES, "Mixtral")
 
 
 def check_pad_to(pad_to: int) -> None:

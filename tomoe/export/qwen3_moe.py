@@ -14,7 +14,8 @@ from tomoe.errors import ToMoEError
 from tomoe.export.mixtral import DEFAULT_PAD_TO, check_dense_attention_run, fill_padded_experts, load_shared_weights, padded_width
 from tomoe.patch import ForwardState, ToMoERouting
 
-QWEN3_MOE_FAMILIES = ("qwen3",)
+# Run families the layout holds; the first one's adapter reads the layout's shapes back (tomoe report).
+FAMILIES = ("qwen3",)
 # Base-config fields that Qwen3-MoE shares with Qwen3.
 SHARED_FIELDS = (
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -28,7 +29,7 @@ LEGACY_ALIASES = {"num_experts": "num_local_experts"}
 
 
 def check_qwen3_moe_compatible(attention: str, family: str) -> None:
-    check_dense_attention_run(attention, family, "qwen3_moe", QWEN3_MOE_FAMILIES, "Qwen3-MoE")
+    check_dense_attention_run(attention, family, "qwen3_moe", FAMILIES, "Qwen3-MoE")
 
 
 def build_qwen3_moe(dense, routing: ToMoERouting, state: ForwardState, pad_to: int = DEFAULT_PAD_TO):

@@ -9,12 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from tomoe.errors import ToMoEError
+from tomoe.extras import require
 from tomoe.report.collect import DEFAULT_TEXT, ReportData, TokenRouting, collect
 
 __all__ = ["DEFAULT_TEXT", "ReportData", "TokenRouting", "build_report", "collect", "write_report"]
 
 
 def _check_out(out: str | Path) -> Path:
+    """What is checked before any work: matplotlib is installed and ``out`` can be a file."""
+    require("matplotlib", "tomoe report")
     out = Path(out)
     if out.is_dir():
         raise ToMoEError(f"--out {out} is a directory; pass a file name such as {out / 'report.html'}.")
@@ -23,11 +26,11 @@ def _check_out(out: str | Path) -> Path:
 
 def write_report(data: ReportData, out: str | Path) -> Path:
     """Draw and write the page for already collected data; returns the written path."""
+    out = _check_out(out)
     from tomoe.report.html import render
     from tomoe.report.plots import all_figures
     from tomoe.run import atomic_write_text
 
-    out = _check_out(out)
     atomic_write_text(out, render(data, all_figures(data)))
     out.chmod(0o644)  # a page to share, not a secret (the atomic write creates files private to the user)
     return out

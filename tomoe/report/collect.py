@@ -57,6 +57,7 @@ class ReportData:
     routing: TokenRouting
     log: list[dict] = field(default_factory=list)  # training log records (runs only)
     details: dict[str, str] = field(default_factory=dict)  # extra "key: value" lines for the summary
+    weights_vs_dense: float | None = None  # weight bytes of an exported folder / the dense model's (models only)
 
     @property
     def num_layers(self) -> int:
@@ -152,51 +153,63 @@ def collect(source: str | Path, text_file: str | Path | None = None) -> ReportDa
     if (path / "config.json").is_file() and (path / "tomoe_export.json").is_file():
         return collect_exported(path, text_file)
     raise ToMoEError(
-        f"{source} is neither a tomoe run directory (with tomoe_run.json, from `tomoe convert`) nor an exported tomoe "
-        "model folder (from `tomoe export`); pass one of those."
+        f"{source} is neither a tomoe run directory (with tomoe_run.json, from `tomoe convert`) nor a model folder "
+        "written by `tomoe export` (any --format); pass one of those."
     )
 
 
 @torch.no_grad()
 def collect_exported(model_dir: Path, text_file: str | Path | None = None) -> ReportData:
-    """ReportData of a folder written by ``tomoe export --format tomoe``, read from its experts and routers."""
-    from types import SimpleNamespace
+    """ReportData of a folder written by ``tomoe export``, read from its experts and routers.
 
-    from tomoe.families import get_family
-    from tomoe.info import load_exported, read_export_metadata
-    from tomoe.loading import ModelSource, load_tokenizer
+    A stock layout (``mixtral``, ``qwen3_moe``) keeps attention dense and stores no channel indices: each expert's
+    channels are its rows that are not zero padding, and two experts share a dense channel when they hold the same
+    gate and up rows (the rows are copies of the dense model's), which is all that overlap and coverage need.
+    """
+    import json
+
+    from transformers import AutoTokenizer
+
+    from tomoe.info import dense_parameter_counts, load_exported, weight_file_bytes
 
     text, caption = read_sample_text(text_file)
     model, kind = load_exported(model_dir)
-    if kind != "tomoe":
-        raise ToMoEError(f"{model_dir} is a {kind} export, which keeps no routing details; report the run directory or a --format tomoe export instead.")
-    config, exported = model.config, read_export_metadata(model_dir)
-    tokenizer = load_tokenizer(ModelSource(str(model_dir)))
+    config, exported = model.config, json.loads((model_dir / "tomoe_export.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     input_ids, pieces, truncated = tokenize_sample(tokenizer, text, min(MAX_SAMPLE_TOKENS, config.max_position_embeddings))
     routed: dict[int, list[int]] = {}
-    handles = [
-        layer.mlp.router.register_forward_hook(lambda m, a, out, i=i: routed.__setitem__(i, out.reshape(-1, out.shape[-1]).argmax(-1).tolist()))
-        for i, layer in enumerate(model.model.layers)
-    ]
+
+    def capture(index: int):
+        def hook(module, args, output):
+            logits = output if kind == "tomoe" else output[0]  # stock routers return (logits, ...)
+            routed[index] = logits.reshape(-1, logits.shape[-1]).argmax(-1).tolist()
+
+        return hook
+
+    routers = [layer.mlp.router if kind == "tomoe" else layer.mlp.gate for layer in model.model.layers]
+    handles = [router.register_forward_hook(capture(i)) for i, router in enumerate(routers)]
     model(input_ids)
     for handle in handles:
         handle.remove()
-    family = get_family(SimpleNamespace(model_type=config.base_model_type, architectures=None))
-    geometry = family.geometry(config)  # the exported config keeps every dense shape
-    masks = []
-    for layer in model.model.layers:
-        channels = layer.mlp.experts.channels
-        mask = np.zeros((config.num_experts, geometry.intermediate_size), dtype=bool)
-        np.put_along_axis(mask, channels.cpu().numpy(), True, axis=1)
-        masks.append(mask)
-    qk_dims, vo_topk = list(config.qk_dims), list(config.vo_topk)
-    layer_active = layer_active_ratios(geometry, list(config.mlp_widths), qk_dims, vo_topk)
-    learned = exported.get("result", {}).get("expert_widths") or [[w] * config.num_experts for w in config.mlp_widths]
+    if kind == "tomoe":
+        geometry, masks, qk_dims, vo_topk, mlp_widths = _tomoe_structure(model)
+        attention, base_type = "none" if config.dense_attention else "dynamic", config.base_model_type
+    else:
+        geometry, masks, qk_dims, vo_topk, mlp_widths = _stock_structure(model, kind, exported["dense_intermediate_size"])
+        attention, base_type = "none", kind
+    layer_active = layer_active_ratios(geometry, mlp_widths, qk_dims, vo_topk)
+    learned = exported.get("result", {}).get("expert_widths") or [[int(w) for w in mask.sum(axis=1)] for mask in masks]
+    details = {"exported from": str(exported.get("run")), "format": kind, "base model type": base_type}
+    if kind != "tomoe":
+        details["expert width stored"] = f"{_stored_width(model)} (zero-padded to a multiple of {exported.get('pad_to') or 8})"
+    else:
+        details["expert layout"] = getattr(config, "expert_layout", "stacked")
+    weight_bytes, element_size = weight_file_bytes(model_dir)
     return ReportData(
         name=str(model_dir),
         kind="model",
-        num_experts=config.num_experts,
-        attention="none" if config.dense_attention else "dynamic",
+        num_experts=len(masks[0]),
+        attention=attention,
         target_active=exported.get("tomoe", {}).get("target_active"),
         intermediate_size=geometry.intermediate_size,
         head_dim=geometry.head_dim,
@@ -207,8 +220,62 @@ def collect_exported(model_dir: Path, text_file: str | Path | None = None) -> Re
         layer_active=layer_active,
         active_ratio=float(np.mean(layer_active)),
         routing=TokenRouting(pieces, [routed[i] for i in range(len(masks))], caption, truncated),
-        details={"exported from": str(exported.get("run")), "base model type": config.base_model_type},
+        details=details,
+        weights_vs_dense=weight_bytes / (dense_parameter_counts(model, kind, model_dir)[0] * element_size),
     )
+
+
+def _tomoe_structure(model):
+    """(geometry, expert masks over dense channels, qk dims, vo top-K, MLP widths) of a tomoe-format export."""
+    from types import SimpleNamespace
+
+    from tomoe.families import get_family
+
+    config = model.config
+    family = get_family(SimpleNamespace(model_type=config.base_model_type, architectures=None))
+    geometry = family.geometry(config)  # the exported config keeps every dense shape
+    masks = []
+    for layer in model.model.layers:
+        experts = layer.mlp.experts
+        mask = np.zeros((config.num_experts, geometry.intermediate_size), dtype=bool)
+        if hasattr(experts, "ranges"):  # packed layout: every expert is ranges of the stored channels
+            for expert, ranges in enumerate(experts.ranges):
+                for start, end in ranges:
+                    mask[expert, experts.channels[start:end].cpu().numpy()] = True
+        else:
+            np.put_along_axis(mask, experts.channels.cpu().numpy(), True, axis=1)
+        masks.append(mask)
+    return geometry, masks, list(config.qk_dims), list(config.vo_topk), list(config.mlp_widths)
+
+
+def _stock_structure(model, kind: str, dense_intermediate_size: int):
+    """The same for a stock layout (attention dense), channels identified by their gate and up rows."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from tomoe.export.build import STOCK_FORMATS
+    from tomoe.families import get_family
+
+    family = get_family(SimpleNamespace(model_type=STOCK_FORMATS[kind].base_family, architectures=None))
+    geometry = dataclasses.replace(family.geometry(model.config), intermediate_size=dense_intermediate_size)
+    masks = []
+    for layer in model.model.layers:
+        experts = layer.mlp.experts
+        width = experts.gate_up_proj.shape[1] // 2
+        ids: dict[bytes, int] = {}
+        mask = np.zeros((experts.gate_up_proj.shape[0], dense_intermediate_size), dtype=bool)
+        for expert in range(mask.shape[0]):
+            useful = (experts.down_proj[expert] != 0).any(dim=0).nonzero().squeeze(-1)  # zero padding holds nothing
+            rows = torch.cat([experts.gate_up_proj[expert, useful], experts.gate_up_proj[expert, width + useful]], dim=-1)
+            for row in rows.cpu().numpy():
+                mask[expert, ids.setdefault(row.tobytes(), len(ids))] = True
+        masks.append(mask)
+    head = geometry.head_dim
+    return geometry, masks, [head] * len(masks), [head] * len(masks), [int(m.sum(axis=1).max()) for m in masks]
+
+
+def _stored_width(model) -> int:
+    return model.model.layers[0].mlp.experts.gate_up_proj.shape[1] // 2
 
 
 @torch.no_grad()
