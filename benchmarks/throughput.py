@@ -105,22 +105,38 @@ def moe_structure(geo: dict, target: float) -> dict:
     return dict(mlp_widths=widths, qk_dims=[qk] * geo["layers"], vo_topk=[vo] * geo["layers"])
 
 
-def build_moe(dense, target: float, seed: int = 0):
-    """A ToMoE export of ``dense``: random channel subsets per expert, random routers, sliced Q/K, random V/O routers."""
+def expert_masks(intermediate: int, width: int, generator, spread: float):
+    """(N, intermediate) 0/1 channel masks shaped like trained ToMoE experts: every expert keeps the ``width`` top
+    channels of one shared channel score plus its own noise of scale ``spread`` (0: identical experts; large:
+    independent random subsets). Trained runs' masks overlap this way (the hypernetwork gives every expert of a
+    layer the same channel embeddings' projection, offset per expert); ``--spread`` sets how much."""
+    import torch
+
+    scores = torch.randn(intermediate, generator=generator) + spread * torch.randn(NUM_EXPERTS, intermediate, generator=generator)
+    return torch.zeros(NUM_EXPERTS, intermediate).scatter_(1, scores.topk(width, dim=1).indices, 1.0)
+
+
+def build_moe(dense, target: float, layout: str = "packed", spread: float = 0.5, seed: int = 0):
+    """A ToMoE export of ``dense`` in ``layout``: ToMoE-like channel subsets per expert (:func:`expert_masks`),
+    random routers, sliced Q/K, random V/O routers. The same ``seed`` gives the same model in either layout."""
     import torch
 
     from tomoe.export.configuration_tomoe import TomoeConfig
     from tomoe.export.modeling_tomoe import TomoeForCausalLM
+    from tomoe.export.packing import pack_channels
 
     geo = geometry(dense.config)
     structure = moe_structure(geo, target)
+    generator = torch.Generator().manual_seed(seed)
+    masks = [expert_masks(geo["D"], width, generator, spread) for width in structure["mlp_widths"]]
+    packed = [pack_channels(m) for m in masks] if layout == "packed" else None
     dropped = ("architectures", "model_type", "transformers_version", "_name_or_path", "quantization_config", "auto_map")
     values = {k: v for k, v in dense.config.to_dict().items() if k not in dropped}
     config = TomoeConfig(base_model_type=dense.config.model_type, num_experts=NUM_EXPERTS, expert_embed_dim=128,
-                         dense_attention=False, **structure, **values)
+                         dense_attention=False, expert_layout=layout, expert_ranges=[r for _, r in packed] if packed else None,
+                         **structure, **values)
     config._attn_implementation = dense.config._attn_implementation
     dtype, device = dense.dtype, dense.device
-    generator = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         model = TomoeForCausalLM(config)
     model = model.to_empty(device=device).to(dtype)
@@ -144,9 +160,12 @@ def build_moe(dense, target: float, seed: int = 0):
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         for index, (dense_layer, layer) in enumerate(zip(dense.model.layers, model.model.layers)):
-            mlp, width = dense_layer.mlp, structure["mlp_widths"][index]
-            channels = [torch.randperm(geo["D"], generator=generator)[:width].sort().values for _ in range(NUM_EXPERTS)]
-            layer.mlp.experts.load_dense_slices(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, channels)
+            mlp = dense_layer.mlp
+            weights = (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+            if packed:
+                layer.mlp.experts.load_dense(*weights, packed[index][0])
+            else:
+                layer.mlp.experts.load_dense_slices(*weights, [m.nonzero().squeeze(-1) for m in masks[index]])
             layer.mlp.router.weight.copy_(torch.randn(NUM_EXPERTS, d, generator=generator))
             attention, pairs = layer.self_attn, structure["qk_dims"][index] // 2
             first = torch.randperm(hd // 2, generator=generator)[:pairs].sort().values
@@ -161,7 +180,18 @@ def build_moe(dense, target: float, seed: int = 0):
                 if isinstance(module, torch.nn.Linear):
                     module.weight.copy_(torch.randn(module.weight.shape, generator=generator) / module.in_features**0.5)
     model.requires_grad_(False)
-    return model.eval()
+    return model.prepare_kernels_().eval()
+
+
+def mask_structure(moe) -> dict:
+    """Stored channels vs dense and ranges per expert of a packed MoE (empty for the stacked layout)."""
+    layers = [layer.mlp.experts for layer in moe.model.layers]
+    if not hasattr(layers[0], "ranges"):
+        return {}
+    dense = moe.config.intermediate_size
+    ranges = [len(r) for experts in layers for r in experts.ranges]
+    return {"stored_vs_dense_mlp": sum(e.stored_width for e in layers) / (dense * len(layers)),
+            "ranges_mean": sum(ranges) / len(ranges), "ranges_max": max(ranges)}
 
 
 def load_moe_folder(path: str, dtype, device):
@@ -305,50 +335,53 @@ def phase_inputs(phase: str, vocab: int, device, prefill: dict):
     return torch.randint(3, vocab, shape, generator=generator).to(device)
 
 
-def compare(name: str, label: str, dense, moe, structure: dict | None, args, device) -> list[dict]:
-    """Dense vs one MoE, every phase, interleaved repeats."""
+def compare(name: str, label, dense, moes: dict, structure: dict | None, args, device) -> list[dict]:
+    """Dense vs each MoE of ``moes`` (layout -> model), every phase, interleaved repeats."""
     geo = geometry(dense.config)
-    weights = {"dense": model_bytes(dense), "moe": model_bytes(moe)}
+    models = {"dense": dense, **moes}
+    weights = {kind: model_bytes(model) for kind, model in models.items()}
     rows = []
     for phase in args.phases:
         ids = phase_inputs(phase, geo["vocab"], device, args.prefill)
         batch, tokens = ids.shape
         new = args.new_tokens_for(name)
         work = batch * (tokens if phase == "prefill" else new)
-        for model in (dense, moe):  # warm-up: kernels, allocator, MoE layouts, at this phase's batch size
+        for model in models.values():  # warm-up: kernels, allocator, at this phase's batch size
             run_phase(model, ids[:, :16], phase, 2)
         working: dict[str, int] = {}
-        times: dict[str, list[float]] = {"dense": [], "moe": []}
+        times: dict[str, list[float]] = {kind: [] for kind in models}
         for repeat in range(args.repeats):
-            order = ("dense", "moe") if repeat % 2 == 0 else ("moe", "dense")
+            order = list(models) if repeat % 2 == 0 else list(reversed(models))
             for kind in order:
-                model = dense if kind == "dense" else moe
                 if repeat == 0:  # the working memory, from the first repeat
                     with Memory(device) as memory:
-                        times[kind].append(run_phase(model, ids, phase, new))
+                        times[kind].append(run_phase(models[kind], ids, phase, new))
                     working[kind] = memory.peak
                 else:
-                    times[kind].append(run_phase(model, ids, phase, new))
-        t_dense, t_moe = statistics.median(times["dense"]), statistics.median(times["moe"])
+                    times[kind].append(run_phase(models[kind], ids, phase, new))
+        t_dense = statistics.median(times["dense"])
         flops_dense = phase_flops(geo, None, phase, batch, tokens, new)
         flops_moe = phase_flops(geo, structure, phase, batch, tokens, new) if structure else None
-        row = {
-            "model": name, "target_active": label, "device": device.type, "phase": phase, "batch": batch,
-            "tokens": tokens if phase == "prefill" else new, "tokens_per_s_dense": work / t_dense, "tokens_per_s_moe": work / t_moe,
-            "speedup": t_dense / t_moe, "ideal_speedup": flops_dense / flops_moe if flops_moe else None,
-            "peak_mem_ratio": (weights["moe"] + working["moe"]) / (weights["dense"] + working["dense"]),
-            "working_mem_ratio": working["moe"] / max(working["dense"], 1),
-            "weight_bytes_dense": weights["dense"], "weight_bytes_moe": weights["moe"],
-            "working_bytes_dense": working["dense"], "working_bytes_moe": working["moe"],
-            "times_s_dense": [round(t, 4) for t in times["dense"]], "times_s_moe": [round(t, 4) for t in times["moe"]],
-            "load_avg_1min": round(os.getloadavg()[0], 2),
-        }
-        if row["ideal_speedup"]:
-            row["fraction_of_ideal"] = row["speedup"] / row["ideal_speedup"]
-        rows.append(row)
-        print(f"  {name} p={label} {phase:8s} b={batch:2d}: dense {row['tokens_per_s_dense']:9.1f} tok/s, moe {row['tokens_per_s_moe']:9.1f} tok/s, "
-              f"x{row['speedup']:.2f} (ideal x{row['ideal_speedup'] or float('nan'):.2f}), peak mem x{row['peak_mem_ratio']:.2f} "
-              f"(working x{row['working_mem_ratio']:.2f}), load {row['load_avg_1min']}", flush=True)
+        for layout, moe in moes.items():
+            t_moe = statistics.median(times[layout])
+            row = {
+                "model": name, "target_active": label, "layout": layout, "device": device.type, "phase": phase, "batch": batch,
+                "tokens": tokens if phase == "prefill" else new, "tokens_per_s_dense": work / t_dense, "tokens_per_s_moe": work / t_moe,
+                "speedup": t_dense / t_moe, "ideal_speedup": flops_dense / flops_moe if flops_moe else None,
+                "weight_ratio": weights[layout] / weights["dense"],
+                "peak_mem_ratio": (weights[layout] + working[layout]) / (weights["dense"] + working["dense"]),
+                "working_mem_ratio": working[layout] / max(working["dense"], 1),
+                "weight_bytes_dense": weights["dense"], "weight_bytes_moe": weights[layout],
+                "working_bytes_dense": working["dense"], "working_bytes_moe": working[layout],
+                "times_s_dense": [round(t, 4) for t in times["dense"]], "times_s_moe": [round(t, 4) for t in times[layout]],
+                "load_avg_1min": round(os.getloadavg()[0], 2), **mask_structure(moe),
+            }
+            if row["ideal_speedup"]:
+                row["fraction_of_ideal"] = row["speedup"] / row["ideal_speedup"]
+            rows.append(row)
+            print(f"  {name} p={label} {layout:7s} {phase:8s} b={batch:2d}: dense {row['tokens_per_s_dense']:9.1f} tok/s, moe {row['tokens_per_s_moe']:9.1f} tok/s, "
+                  f"x{row['speedup']:.2f} (ideal x{row['ideal_speedup'] or float('nan'):.2f}), weights x{row['weight_ratio']:.2f}, "
+                  f"peak mem x{row['peak_mem_ratio']:.2f} (working x{row['working_mem_ratio']:.2f}), load {row['load_avg_1min']}", flush=True)
     return rows
 
 
@@ -360,14 +393,15 @@ def bench_model(name: str, args, device, dtype) -> list[dict]:
     print(f"{name}: {geo['layers']} layers, hidden {geo['d']}, MLP {geo['D']}, vocab {geo['vocab']}, {model_bytes(dense) / 2**20:.0f} MiB dense", flush=True)
     rows = []
     for target in args.targets:
-        moe = build_moe(dense, target)
+        moes = {layout: build_moe(dense, target, layout, args.spread) for layout in args.layouts}
         structure = moe_structure(geo, target)
         print(f"  p={target}: active ratio {active_ratio(geo, structure):.3f}, expert widths {sorted(set(structure['mlp_widths']))}, "
-              f"qk {structure['qk_dims'][0]}, vo top-K {structure['vo_topk'][0]}, {model_bytes(moe) / 2**20:.0f} MiB", flush=True)
-        for row in compare(name, target, dense, moe, structure, args, device):
+              f"qk {structure['qk_dims'][0]}, vo top-K {structure['vo_topk'][0]}, "
+              + ", ".join(f"{layout} {model_bytes(moe) / 2**20:.0f} MiB {mask_structure(moe)}" for layout, moe in moes.items()), flush=True)
+        for row in compare(name, target, dense, moes, structure, args, device):
             row["active_ratio"] = active_ratio(geo, structure)
             rows.append(row)
-        del moe
+        del moes
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -385,21 +419,21 @@ def bench_folders(folders: list[str], args, device, dtype) -> list[dict]:
         meta = _json.loads((Path(folder) / "tomoe_export.json").read_text())
         dense = load_model(resolve_model_source(meta["model"]), dtype=dtype, device=device)
         moe = load_moe_folder(folder, dtype, device)
-        config = moe.config
-        structure = dict(mlp_widths=config.mlp_widths, qk_dims=config.qk_dims, vo_topk=config.vo_topk)
         label = meta.get("tomoe", {}).get("target_active", "?")
-        rows += compare(f"{meta['model'] or 'embedded'} ({Path(folder).name})", label, dense, moe, structure, args, device)
+        rows += compare(f"{meta['model'] or 'embedded'} ({Path(folder).name})", label, dense, {moe.config.expert_layout: moe}, None, args, device)
     return rows
 
 
 # ------------------------------------------------------------------------------------------------ kernel table
 def bench_kernels(args, device, dtype) -> list[dict]:
-    """One LLaMA-2-7B-shaped MLP at p = 0.5 (8 experts of width 5504): dense vs each MoE path; and the O projection."""
+    """One LLaMA-2-7B-shaped MLP at p = 0.5 (8 experts of width 5504, ToMoE-like overlap): dense vs each path of
+    the packed and the stacked layout; and the O projection."""
     import torch
     import torch.nn.functional as F
 
     from tomoe.export import kernels
-    from tomoe.export.modeling_tomoe import TomoeExperts
+    from tomoe.export.modeling_tomoe import TomoePackedExperts, TomoeStackedExperts
+    from tomoe.export.packing import pack_channels
 
     d, D, width = LLAMA2_7B["hidden_size"], LLAMA2_7B["intermediate_size"], 5504
     generator = torch.Generator().manual_seed(0)
@@ -407,9 +441,13 @@ def bench_kernels(args, device, dtype) -> list[dict]:
                       torch.randn(D, d, generator=generator).to(device, dtype) / d**0.5,
                       torch.randn(d, D, generator=generator).to(device, dtype) / D**0.5)
     gate_up = torch.cat([gate, up])
-    experts = TomoeExperts(NUM_EXPERTS, d, width, "silu").to(device, dtype)
-    experts.load_dense_slices(gate, up, down, [torch.randperm(D, generator=generator)[:width].sort().values for _ in range(NUM_EXPERTS)])
-    layout = kernels.prepare_layout(experts)
+    masks = expert_masks(D, width, generator, args.spread)
+    channels, ranges = pack_channels(masks)
+    packed = TomoePackedExperts(NUM_EXPERTS, d, ranges, "silu").to(device, dtype)
+    packed.load_dense(gate, up, down, channels)
+    stacked = TomoeStackedExperts(NUM_EXPERTS, d, width, "silu").to(device, dtype)
+    stacked.load_dense_slices(gate, up, down, [m.nonzero().squeeze(-1) for m in masks])
+    print(f"  kernel MLP: packed {packed.stored_width} of {D} channels stored, ranges per expert {[len(r) for r in ranges]}", flush=True)
 
     def dense_mlp(x):
         g, u = F.linear(x, gate_up).chunk(2, dim=-1)
@@ -427,32 +465,41 @@ def bench_kernels(args, device, dtype) -> list[dict]:
                 times.append(time.perf_counter() - began)
         return statistics.median(times)
 
+    def call(experts, path, kernel, x, index):
+        experts.path = path
+        if kernel is not None:
+            experts.grouped_kernel = kernel
+        return experts(x, index)
+
     rows = []
     for tokens in args.kernel_tokens:
         x = torch.randn(tokens, d, generator=generator).to(device, dtype)
         index = torch.randint(0, NUM_EXPERTS, (tokens,), generator=generator).to(device)
         counts = torch.bincount(index, minlength=NUM_EXPERTS).tolist()
         variants = {"dense MLP": lambda: dense_mlp(x)}
-        for label, path, kernel in (("auto", "auto", None), ("single", "single", None), ("grouped (loop)", "grouped", "loop"),
-                                    ("grouped (transformers grouped_mm)", "grouped", "grouped_mm"),
-                                    ("grouped (transformers batched_mm)", "grouped", "batched_mm"), ("union", "union", None)):
+        for label, experts, path, kernel in (
+                ("packed auto", packed, "auto", None), ("packed single", packed, "single", None),
+                ("packed grouped", packed, "grouped", None), ("packed union", packed, "union", None),
+                ("stacked single", stacked, "single", None), ("stacked grouped (loop)", stacked, "grouped", "loop"),
+                ("stacked grouped (transformers grouped_mm)", stacked, "grouped", "grouped_mm"),
+                ("stacked grouped (transformers batched_mm)", stacked, "grouped", "batched_mm")):
             if path == "single" and tokens != 1:
                 continue
             if kernel == "batched_mm" and tokens * 3 * width * d * x.element_size() > 2**31:
                 continue  # batched_mm gathers every token's expert weights: tokens x 3 x width x d
-            variants[label] = (lambda p=path, k=kernel: (setattr(experts, "path", p), setattr(experts, "grouped_kernel", k), experts(x, index))[-1])
+            variants[label] = (lambda e=experts, p=path, k=kernel: call(e, p, k, x, index))
         repeats = max(3, args.repeats) if tokens <= 64 else args.repeats
         results = {label: timed(fn, repeats) for label, fn in variants.items()}
-        experts.path, experts.grouped_kernel = "auto", None
+        packed.path, stacked.path, stacked.grouped_kernel = "auto", "auto", None
         if tokens == 1:
             chosen = "single"
         elif sum(1 for c in counts if c) == 1:
             chosen = "grouped"
         else:
-            chosen = kernels.choose_path(experts, layout, counts, tokens, 3 * d * x.element_size(), kernels._cost_model(experts, device))
+            chosen = kernels.choose_path(packed, counts, tokens, 3 * d * x.element_size(), kernels.cost_model(packed, device))
         for label, seconds in results.items():
             rows.append({"kernel": "mlp", "tokens": tokens, "variant": label, "ms": seconds * 1e3,
-                         "vs_dense": results["dense MLP"] / seconds, "auto_choice": chosen if label == "auto" else None})
+                         "vs_dense": results["dense MLP"] / seconds, "auto_choice": chosen if label == "packed auto" else None})
         print(f"  MLP {tokens:5d} tokens: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in results.items()) + f" (auto -> {chosen})", flush=True)
 
     heads, head_dim, top_k = 32, 128, 64
@@ -513,19 +560,19 @@ def markdown(data: dict) -> str:
         "peak minus resident before the phase. Targets: prefill >= 0.75 of ideal (7B-shaped stack), decode batch 1 "
         ">= 0.85 of ideal, decode batch 16 >= 1.0x dense, peak memory <= dense.",
         "",
-        "| model | p | active | device | phase | batch | dense tok/s | MoE tok/s | speed-up | ideal | fraction | target met | peak mem ratio | working mem ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | p | active | layout | weights vs dense | device | phase | batch | dense tok/s | MoE tok/s | speed-up | ideal | fraction | target met | peak mem ratio | working mem ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["rows"]:
         active = f"{r['active_ratio']:.2f}" if r.get("active_ratio") else ""
         ideal = f"{r['ideal_speedup']:.2f}x" if r.get("ideal_speedup") else ""
         fraction = f"{r['fraction_of_ideal']:.2f}" if r.get("fraction_of_ideal") else ""
         lines.append(
-            f"| {r['model']} | {r['target_active']} | {active} | {r['device']} | {r['phase']} | {r['batch']} | {r['tokens_per_s_dense']:.1f} | "
+            f"| {r['model']} | {r['target_active']} | {active} | {r.get('layout', 'stacked')} | {r['weight_ratio']:.2f} | {r['device']} | {r['phase']} | {r['batch']} | {r['tokens_per_s_dense']:.1f} | "
             f"{r['tokens_per_s_moe']:.1f} | {r['speedup']:.2f}x | {ideal} | {fraction} | {target_met(r)} | {r['peak_mem_ratio']:.2f} | {r['working_mem_ratio']:.2f} |"
         )
     if data.get("kernels"):
-        lines += ["", "## Kernels: one LLaMA-2-7B-shaped MLP at p = 0.5 (8 experts of width 5504, union of their channels ~ dense), "
+        lines += ["", "## Kernels: one LLaMA-2-7B-shaped MLP at p = 0.5 (8 experts of width 5504, ToMoE-like overlap), "
                   "random top-1 routing; o_proj with per-token top-64 of 128 V/O dims", "",
                   "| kernel | tokens | variant | ms | speed vs dense | auto chose |", "|---|---|---|---|---|---|"]
         for r in data["kernels"]:
@@ -559,6 +606,10 @@ def main() -> None:
     parser.add_argument("--kernel-tokens", nargs="*", type=int, default=None,
                         help="token counts of the MLP kernel table (default 1 16 128 1024; none: skip the kernel table)")
     parser.add_argument("--moe", nargs="*", default=[], help="exported ToMoE folders of trained runs to add (against their dense base)")
+    parser.add_argument("--layouts", nargs="+", choices=("packed", "stacked"), default=["packed", "stacked"],
+                        help="expert layouts of the built MoEs (packed: the default export; stacked: the layout before it)")
+    parser.add_argument("--spread", type=float, default=0.5,
+                        help="per-expert noise of the channel masks (0: identical experts, large: independent random subsets)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
     parser.add_argument("--quick", action="store_true", help="1-layer 7B stack, p = 0.5, 2 repeats, 16 new tokens, prefill 2 x 128")
     parser.add_argument("--out", type=Path, default=RESULTS)

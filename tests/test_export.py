@@ -1,11 +1,13 @@
 """Export: the MoE checkpoint loads with transformers, equals the patched model, and generates."""
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralForCausalLM
 
 import tomoe  # noqa: F401  (registers the tomoe model type)
@@ -31,7 +33,23 @@ def runs(tmp_path_factory, tiny_model_dir, tiny_text_file):
     export_run(root / "dynamic", root / "dynamic-moe")
     export_run(root / "dense-attn", root / "dense-attn-moe")
     export_run(root / "dense-attn", root / "dense-attn-mixtral", format="mixtral")
+    assert main(["export", str(root / "dynamic"), "--out", str(root / "dynamic-stacked"), "--layout", "stacked"]) == 0
+    export_run(root / "dense-attn", root / "dense-attn-stacked", layout="stacked")
+    # An export written before the packed layout: stacked experts, and a config without the layout fields.
+    shutil.copytree(root / "dynamic-stacked", root / "dynamic-old")
+    config = json.loads((root / "dynamic-old" / "config.json").read_text())
+    del config["expert_layout"], config["expert_ranges"]
+    (root / "dynamic-old" / "config.json").write_text(json.dumps(config))
     return root
+
+
+def _tensor_bytes(folder, only=""):
+    """Bytes of the tensors in a folder's safetensors files whose names contain ``only``."""
+    total = 0
+    for path in folder.glob("*.safetensors"):
+        with safe_open(path, "pt") as handle:
+            total += sum(handle.get_tensor(k).numel() * handle.get_tensor(k).element_size() for k in handle.keys() if only in k)
+    return total
 
 
 @pytest.fixture(scope="module")
@@ -51,23 +69,84 @@ def test_exported_logits_equal_patched_model(runs, name, sample_ids):
     assert config.mlp_widths == result["mlp_widths"]
     assert config.num_experts == 4
     experts = exported.model.layers[0].mlp.experts
-    assert experts.gate_up_proj.shape == (4, 2 * config.mlp_widths[0], 64)
+    assert config.expert_layout == "packed" and experts.gate_up_proj.shape == (experts.stored_width, 2, 64)
+    assert experts.stored_width <= 128 and max(experts.widths) == config.mlp_widths[0]
     if name == "dynamic":
         assert config.vo_topk == result["vo_topk"]
         assert exported.model.layers[0].self_attn.q_proj.out_features == 4 * config.qk_dims[0]
 
 
 def test_experts_hold_slices_of_dense_weights(runs, tiny_model_dir):
+    """Packed: each kept channel's dense rows stored once, and every expert's ranges cover the channels the stacked
+    export of the same run gives that expert."""
     dense = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     exported = AutoModelForCausalLM.from_pretrained(runs / "dynamic-moe")
-    experts, mlp = exported.model.layers[1].mlp.experts, dense.model.layers[1].mlp
-    width = experts.width
-    for expert in range(experts.num_experts):
-        channels = experts.channels[expert]
-        assert torch.equal(experts.gate_up_proj[expert, :width], mlp.gate_proj.weight[channels])
-        assert torch.equal(experts.gate_up_proj[expert, width:], mlp.up_proj.weight[channels])
-        assert torch.equal(experts.down_proj[expert], mlp.down_proj.weight[:, channels])
+    stacked = AutoModelForCausalLM.from_pretrained(runs / "dynamic-stacked")
+    for layer in (0, 1):
+        experts, mlp = exported.model.layers[layer].mlp.experts, dense.model.layers[layer].mlp
+        channels = experts.channels
+        assert len(set(channels.tolist())) == channels.numel()
+        assert torch.equal(experts.gate_up_proj[:, 0], mlp.gate_proj.weight[channels])
+        assert torch.equal(experts.gate_up_proj[:, 1], mlp.up_proj.weight[channels])
+        assert torch.equal(experts.down_proj, mlp.down_proj.weight[:, channels].t())
+        stacked_experts = stacked.model.layers[layer].mlp.experts
+        width = stacked_experts.width
+        for expert, ranges in enumerate(experts.ranges):
+            held = sorted(torch.cat([channels[start:end] for start, end in ranges]).tolist())
+            assert held == sorted(stacked_experts.channels[expert].tolist())
+            index = stacked_experts.channels[expert]
+            assert torch.equal(stacked_experts.gate_up_proj[expert, :width], mlp.gate_proj.weight[index])
+            assert torch.equal(stacked_experts.down_proj[expert], mlp.down_proj.weight[:, index])
     assert "hypernet" not in str(list(exported.state_dict()))
+
+
+def test_old_stacked_exports_keep_loading_and_match(runs, sample_ids):
+    old = AutoModelForCausalLM.from_pretrained(runs / "dynamic-old")
+    assert type(old.model.layers[0].mlp.experts).__name__ == "TomoeStackedExperts" and old.config.expert_layout == "stacked"
+    packed = AutoModelForCausalLM.from_pretrained(runs / "dynamic-moe")
+    patched, _ = load_run_for_inference(runs / "dynamic")
+    with torch.no_grad():
+        logits = old(sample_ids).logits
+        torch.testing.assert_close(logits, packed(sample_ids).logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(logits, patched(sample_ids).logits, atol=1e-4, rtol=0)
+    assert model_info(runs / "dynamic-old")["expert_layout"] == "stacked"
+
+
+def test_packed_weights_take_at_most_the_dense_memory(runs, tiny_model_dir, capsys):
+    """Decoder-layer weights on disk: the packed export at most 1.1x the dense model's (here below 1x: channels no
+    expert keeps are dropped), where the stacked layout of the same run takes several times more. `tomoe info`
+    counts the dense model's bytes exactly and prints the ratio; every layout's size printed by `tomoe export`
+    before writing is the size written."""
+    dense_layers = _tensor_bytes(tiny_model_dir, ".layers.")
+    packed = _tensor_bytes(runs / "dense-attn-moe", ".layers.") / dense_layers
+    stacked = _tensor_bytes(runs / "dense-attn-stacked", ".layers.") / dense_layers
+    assert packed <= 1.1 and stacked > 1.5 * packed
+    info = model_info(runs / "dynamic-moe")
+    assert info["dense_weight_bytes"] == _tensor_bytes(tiny_model_dir)
+    assert info["weight_bytes"] == _tensor_bytes(runs / "dynamic-moe")
+    assert info["weight_ratio_vs_dense"] <= 1.1 and info["expert_layout"] == "packed"
+    assert main(["info", str(runs / "dynamic-moe")]) == 0
+    assert f"{info['weight_ratio_vs_dense']:.3f}x the dense model's" in capsys.readouterr().out
+    for run, folders in (("dynamic", {"tomoe packed": "dynamic-moe", "tomoe stacked": "dynamic-stacked"}),
+                         ("dense-attn", {"tomoe packed": "dense-attn-moe", "tomoe stacked": "dense-attn-stacked", "mixtral": "dense-attn-mixtral"})):
+        sizes = json.loads((runs / folders["tomoe packed"] / "tomoe_export.json").read_text())["weight_bytes"]
+        assert sizes["dense"] == _tensor_bytes(tiny_model_dir)
+        assert set(sizes) == {"dense", *folders}
+        for layout, folder in folders.items():
+            assert sizes[layout] == _tensor_bytes(runs / folder), layout
+
+
+def test_export_prints_the_memory_of_each_layout_before_writing(runs, tmp_path, capsys):
+    out = tmp_path / "packed"
+    assert main(["export", str(runs / "dense-attn"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    lines = {line[:16].strip(): line for line in printed.splitlines() if "x dense" in line}
+    assert set(lines) == {"tomoe packed", "tomoe stacked", "mixtral"}
+    assert "<- writing" in lines["tomoe packed"] and "<- writing" not in lines["tomoe stacked"]
+    assert printed.index("x dense") < printed.index("exported")
+    assert main(["export", str(runs / "dense-attn"), "--out", str(tmp_path / "m"), "--format", "mixtral", "--layout", "stacked"]) == 2
+    assert "--layout applies to --format tomoe" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
 
 
 def test_cached_generation_equals_uncached_and_left_padding_equals_one_by_one(runs):
@@ -139,8 +218,8 @@ def test_info_active_ratio_matches_brute_force_count(runs, capsys):
     active = dense = 0
     for index, layer in enumerate(model.model.layers):
         attention, experts = layer.self_attn, layer.mlp.experts
-        # one expert's slices, sliced q/k, and the top-K rows of v / columns of o that a token uses
-        active += experts.gate_up_proj[0].numel() + experts.down_proj[0].numel()
+        # one expert's channels, sliced q/k, and the top-K rows of v / columns of o that a token uses
+        active += 3 * 64 * experts.widths[0]
         active += attention.q_proj.weight.numel() + attention.k_proj.weight.numel()
         k = config.vo_topk[index]
         active += attention.v_proj.weight.view(2, 16, 64)[:, :k].numel() + attention.o_proj.weight.view(64, 4, 16)[:, :, :k].numel()

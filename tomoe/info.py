@@ -117,12 +117,13 @@ def model_info(model_dir: str | Path, text: str | None = None) -> dict:
         vo = config.vo_topk[index] if kind == "tomoe" else head_dim
         attention = hidden * ((heads + kv_heads) * qk + kv_heads * head_dim + heads * vo)  # v_proj is computed whole
         per_token_decoder += (3 * hidden * useful[routed[index]] + attention).double()
-        layers.append({"layer": index, "expert_widths": useful.tolist(), "stored_width": experts.gate_up_proj.shape[1] // 2, "qk_dims": qk, "vo_topk": vo})
+        layers.append({"layer": index, "expert_widths": useful.tolist(), "stored_width": _stored_width(experts), "qk_dims": qk, "vo_topk": vo})
     stored_decoder = sum(_decoder_weights(layer, kind) for layer in model.model.layers)
     total = sum(p.numel() for p in model.parameters())
     shared = total - stored_decoder  # embeddings, norms, routers: used by every token
     per_token = per_token_decoder + shared
-    padding = sum(3 * hidden * (entry["stored_width"] - max(entry["expert_widths"])) for entry in layers) * config.num_experts
+    padding = 0 if _is_packed(config) else sum(3 * hidden * (entry["stored_width"] - max(entry["expert_widths"])) for entry in layers) * config.num_experts
+    weight_bytes, element_size = weight_file_bytes(Path(model_dir))
     return {
         "model_dir": str(model_dir),
         "format": kind,
@@ -135,6 +136,10 @@ def model_info(model_dir: str | Path, text: str | None = None) -> dict:
         "decoder_active_ratio": float(per_token_decoder.mean() / dense_decoder),
         "decoder_active_ratio_max": float(per_token_decoder.max() / dense_decoder),
         "padding_params": int(padding),
+        "expert_layout": "packed" if _is_packed(config) else "stacked",
+        "weight_bytes": weight_bytes,
+        "dense_weight_bytes": dense_total * element_size,
+        "weight_ratio_vs_dense": weight_bytes / (dense_total * element_size),
         "sample_tokens": tokens,
         "layers": layers,
     }
@@ -148,9 +153,41 @@ def _capture_route(routed: dict, index: int, kind: str):
     return hook
 
 
+def _is_packed(config) -> bool:
+    return getattr(config, "expert_layout", None) == "packed"
+
+
+def _stored_width(experts) -> int:
+    """Channels stored per layer (packed: the union, once) or per expert (stacked and stock layouts)."""
+    return experts.stored_width if hasattr(experts, "ranges") else experts.gate_up_proj.shape[1] // 2
+
+
 def _useful_widths(experts) -> torch.Tensor:
-    """Channels per expert whose down column is not all zero (zero columns are Mixtral padding)."""
+    """Channels per expert: a packed expert's ranges, else the down columns that are not all zero (zero columns are
+    Mixtral padding)."""
+    if hasattr(experts, "ranges"):
+        return torch.tensor(experts.widths)
     return (experts.down_proj != 0).any(dim=1).sum(dim=-1)
+
+
+def weight_file_bytes(model_dir: Path) -> tuple[int, int]:
+    """(bytes of every tensor in the folder's safetensors files, bytes per element of their floating tensors), read
+    from the files' headers."""
+    sizes = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
+    total, floating = 0, {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with open(path, "rb") as handle:
+            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = entry["data_offsets"]
+            total += end - begin
+            if entry["dtype"] in sizes:
+                floating[entry["dtype"]] = floating.get(entry["dtype"], 0) + end - begin
+    if not floating:
+        raise ToMoEError(f"{model_dir} has no safetensors weights; `tomoe info` reads exports written by `tomoe export`.")
+    return total, sizes[max(floating, key=floating.get)]
 
 
 def format_info(info: dict) -> str:
@@ -161,6 +198,9 @@ def format_info(info: dict) -> str:
         f"  active vs dense         {info['active_ratio_vs_dense']:>14.3f}   whole model",
         f"  decoder active ratio    {info['decoder_active_ratio']:>14.3f}   attention + MLP weights (the --target-active measure)",
     ]
+    layout = f" ({info['expert_layout']} experts)" if info["format"] == "tomoe" else ""
+    lines.append(f"  weight memory           {info['weight_bytes'] / 2**20:>14,.1f}   MiB of weights, {info['weight_ratio_vs_dense']:.3f}x "
+                 f"the dense model's {info['dense_weight_bytes'] / 2**20:,.1f} MiB{layout}")
     if info["padding_params"]:
         lines.append(f"  zero padding            {info['padding_params']:>14,}   parameters stored only to give every expert one width")
     lines.append("  layer  expert widths (channels)                       q/k dims  v/o top-K")

@@ -11,8 +11,8 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "export",
         help="write a trained run as a real MoE model folder (loads with transformers)",
-        description="Turn the masks of a finished run into real experts (Sec. 3.5): each expert stores its own slices "
-        "of gate/up/down, Q/K are sliced, routing is deterministic. 'tomoe' format: loads with AutoModelForCausalLM "
+        description="Turn the masks of a finished run into real experts (Sec. 3.5): each expert is a subset of the dense "
+        "gate/up/down channels (--layout packed stores each kept channel once), Q/K are sliced, routing is deterministic. 'tomoe' format: loads with AutoModelForCausalLM "
         "after `import tomoe`, or with trust_remote_code=True without tomoe. 'mixtral' format (Llama/Mistral runs trained "
         "with --attention none): the stock MixtralForCausalLM layout. 'qwen3_moe' format (Qwen3 runs trained with "
         "--attention none): the stock Qwen3MoeForCausalLM layout. Stock layouts store every expert at one width, "
@@ -23,6 +23,9 @@ def register(subparsers) -> None:
     parser.add_argument("--format", choices=EXPORT_FORMATS, default="tomoe", help="checkpoint layout (default tomoe)")
     parser.add_argument("--pad-to", type=int, metavar="N", help="stock layouts: round the expert width up to a multiple of N "
                         "(default 8; 32 for llama.cpp Q8_0 / Q4_0, 256 for its K-quants such as Q4_K_M)")
+    parser.add_argument("--layout", choices=("packed", "stacked"), help="tomoe format: 'packed' (default) stores each MLP's "
+                        "kept channels once, experts as ranges of them (at most the dense model's memory); 'stacked' stores "
+                        "every expert's own slices (the layout before packed). The memory of every layout is printed before writing.")
     parser.set_defaults(run=run)
 
 
@@ -31,7 +34,12 @@ def run(args: argparse.Namespace) -> int:
 
     check_before_export(args.run_dir, args.out)
 
-    out = export_run(args.run_dir, args.out, args.format, args.pad_to)
+    from tomoe.export.build import format_weight_bytes
+
+    def show_memory(model) -> None:
+        print(format_weight_bytes(model.tomoe_export), flush=True)
+
+    out = export_run(args.run_dir, args.out, args.format, args.pad_to, args.layout, before_write=show_memory)
     print(f"exported {args.run_dir} -> {out} ({args.format} format)\n  next: tomoe info {out}")
     return 0
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 
 from tomoe.errors import ToMoEError
-from tomoe.export.configuration_tomoe import TomoeConfig
+from tomoe.export.configuration_tomoe import EXPERT_LAYOUTS, TomoeConfig
 from tomoe.export.modeling_tomoe import TomoeForCausalLM
+from tomoe.export.packing import pack_channels
 from tomoe.patch import ForwardState, ToMoERouting
 
 # Base-config entries that describe where the dense weights came from, not the exported model.
@@ -74,13 +75,17 @@ def check_exportable_run(run_dir: Path, format: str, pad_to: int | None = None):
     return info
 
 
-def export_model(source, format: str = "tomoe", *, routing: ToMoERouting | None = None, pad_to: int | None = None):
+def export_model(source, format: str = "tomoe", *, routing: ToMoERouting | None = None, pad_to: int | None = None,
+                 layout: str | None = None):
     """The trained conversion as a real Mixture-of-Experts model in memory (a transformers ``PreTrainedModel``).
 
     ``source``: a finished run directory, or a dense model with ToMoE routing attached (``routing``, else the
     ``tomoe_routing`` that :func:`tomoe.run.load_run_for_inference` sets). ``format``: ``tomoe`` (a
     ``TomoeForCausalLM``), ``mixtral`` or ``qwen3_moe`` (the stock transformers classes); ``pad_to``: the multiple
-    the stock layouts round their one expert width up to (default 8). The dense model is left as it was.
+    the stock layouts round their one expert width up to (default 8); ``layout``: how the tomoe format stores its
+    experts, ``packed`` (default: each MLP's kept channels once, at most the dense model's memory) or ``stacked``
+    (every expert its own slices). The dense model is left as it was. ``model.tomoe_export["weight_bytes"]`` holds
+    the weight bytes of every layout this run can be exported as, and of the dense model.
     """
     from tomoe.export.mixtral import DEFAULT_PAD_TO
     from tomoe.loading import load_model, resolve_model_source
@@ -103,21 +108,80 @@ def export_model(source, format: str = "tomoe", *, routing: ToMoERouting | None 
         if routing.dynamic_attention and routing.vo_topk is None:
             raise ToMoEError("the routing has no V/O top-K yet; measure it first (tomoe.measure.summarize_routing, as training does), or attach with attention='none'.")
         metadata = {"run": None, "model": getattr(dense.config, "_name_or_path", None), "tomoe": routing.config.to_dict(), "result": {"expert_widths": routing.learned_expert_widths()}}
+    check_layout(format, layout)
     was_training = routing.training
     routing.eval()  # deterministic masks: what the exported model computes
     try:
         with torch.no_grad():
             state = routing.compute_static_masks()
             stock = STOCK_FORMATS.get(format)
-            model = stock.build(dense, routing, state, pad_to or DEFAULT_PAD_TO) if stock is not None else build_tomoe(dense, routing, state)
+            model = stock.build(dense, routing, state, pad_to or DEFAULT_PAD_TO) if stock is not None else build_tomoe(dense, routing, state, layout or "packed")
+            weight_bytes = layout_weight_bytes(dense, routing, state, pad_to or DEFAULT_PAD_TO)
     finally:
         routing.train(was_training)
     model.generation_config = copy.deepcopy(dense.generation_config)
-    model.tomoe_export = {"format": format, **metadata, "dense_intermediate_size": routing.geometry.intermediate_size, "pad_to": pad_to or DEFAULT_PAD_TO if stock else None}
+    model.tomoe_export = {"format": format, **metadata, "dense_intermediate_size": routing.geometry.intermediate_size, "pad_to": pad_to or DEFAULT_PAD_TO if stock else None,
+                          "layout": (layout or "packed") if stock is None else None, "weight_bytes": weight_bytes}
     return model
 
 
-def exported_config(dense, routing: ToMoERouting, state: ForwardState) -> TomoeConfig:
+def check_layout(format: str, layout: str | None) -> None:
+    if layout is None:
+        return
+    if layout not in EXPERT_LAYOUTS:
+        raise ToMoEError(f"unknown --layout {layout!r}; choose one of {', '.join(EXPERT_LAYOUTS)}.")
+    if format != "tomoe":
+        raise ToMoEError(f"--layout applies to --format tomoe; the {format} layout is fixed (one tensor per expert, padded to one width).")
+
+
+def layout_weight_bytes(dense, routing: ToMoERouting, state: ForwardState, pad_to: int) -> dict[str, int]:
+    """Weight bytes (parameters and saved buffers, in the dense dtype) of the dense model and of every layout the
+    routing can be exported as: ``tomoe packed``, ``tomoe stacked`` and the stock formats whose checks it passes.
+    Counted from the layouts' shapes (a model on the meta device), nothing is allocated."""
+    from tomoe.export.mixtral import padded_width
+
+    sizes = {"dense": _tensor_bytes(dense, dense.dtype)}
+    packed = [ranges for _, ranges in (pack_channels(masks) for masks in state.expert_masks)]
+    for layout, ranges in (("packed", packed), ("stacked", None)):
+        with torch.device("meta"):
+            model = TomoeForCausalLM(exported_config(dense, routing, state, ranges))
+        sizes[f"tomoe {layout}"] = _tensor_bytes(model, dense.dtype)
+    geometry, element = routing.geometry, dense.dtype.itemsize
+    num_experts, hidden = routing.config.num_experts, geometry.hidden_size
+    dense_mlp = 3 * hidden * geometry.intermediate_size * geometry.num_layers * element
+    for name, stock in STOCK_FORMATS.items():
+        try:
+            stock.check(routing.config.attention, routing.family.name)
+        except ToMoEError:
+            continue
+        width = padded_width(state, pad_to)
+        experts = geometry.num_layers * num_experts * (3 * hidden * width + hidden) * element  # + the router
+        sizes[name] = sizes["dense"] - dense_mlp + experts
+    return sizes
+
+
+def format_weight_bytes(metadata: dict) -> str:
+    """Lines comparing the weight bytes of every layout of an export (``export_model``'s ``tomoe_export``), the
+    chosen one marked."""
+    sizes = metadata["weight_bytes"]
+    chosen = f"tomoe {metadata['layout']}" if metadata["format"] == "tomoe" else metadata["format"]
+    lines = [f"weight memory of each layout (dense model: {sizes['dense'] / 2**20:,.1f} MiB):"]
+    for name, size in sizes.items():
+        if name != "dense":
+            mark = "  <- writing" if name == chosen else ""
+            lines.append(f"  {name:<14} {size / 2**20:>10,.1f} MiB  {size / sizes['dense']:5.2f}x dense{mark}")
+    return "\n".join(lines)
+
+
+def _tensor_bytes(model, dtype: torch.dtype) -> int:
+    """Bytes of the parameters and persistent buffers (each shared tensor once); floating tensors in ``dtype``."""
+    tensors = {id(t): t for t in model.state_dict(keep_vars=True).values()}
+    return sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size()) for t in tensors.values())
+
+
+def exported_config(dense, routing: ToMoERouting, state: ForwardState, expert_ranges: list | None = None) -> TomoeConfig:
+    """The exported model's config; ``expert_ranges`` (per layer, from ``packing.pack_channels``): the packed
+    layout, else the stacked one."""
     values = {k: v for k, v in dense.config.to_dict().items() if k not in DROPPED_BASE_KEYS}
     geometry = routing.geometry
     dynamic = routing.dynamic_attention
@@ -135,6 +199,8 @@ def exported_config(dense, routing: ToMoERouting, state: ForwardState) -> TomoeC
         vo_topk=list(routing.vo_topk) if dynamic else [geometry.head_dim] * geometry.num_layers,
         expert_embed_dim=routing.config.expert_embed_dim,
         dense_attention=not dynamic,
+        expert_layout="packed" if expert_ranges is not None else "stacked",
+        expert_ranges=expert_ranges,
         architectures=["TomoeForCausalLM"],
         auto_map={"AutoConfig": "configuration_tomoe.TomoeConfig", "AutoModelForCausalLM": "modeling_tomoe.TomoeForCausalLM"},
         **values,
@@ -143,9 +209,13 @@ def exported_config(dense, routing: ToMoERouting, state: ForwardState) -> TomoeC
     return config
 
 
-def build_tomoe(dense, routing: ToMoERouting, state: ForwardState) -> TomoeForCausalLM:
-    """The exported model with every expert holding its own slices of the dense weights."""
-    config = exported_config(dense, routing, state)
+def build_tomoe(dense, routing: ToMoERouting, state: ForwardState, layout: str = "packed") -> TomoeForCausalLM:
+    """The exported model. ``layout``: ``packed`` (each MLP's kept channels stored once, experts as ranges of them)
+    or ``stacked`` (every expert its own slices of the dense weights)."""
+    if layout not in EXPERT_LAYOUTS:
+        raise ToMoEError(f"unknown expert layout {layout!r}; choose one of {', '.join(EXPERT_LAYOUTS)}.")
+    packed = [pack_channels(masks) for masks in state.expert_masks] if layout == "packed" else None
+    config = exported_config(dense, routing, state, [ranges for _, ranges in packed] if packed else None)
     model = TomoeForCausalLM(config).to(dense.dtype)
     own = model.state_dict()
     shared = {k: v for k, v in dense.state_dict().items() if k in own and own[k].shape == v.shape}
@@ -154,13 +224,11 @@ def build_tomoe(dense, routing: ToMoERouting, state: ForwardState) -> TomoeForCa
     head_dim = geometry.head_dim
     for index, (dense_layer, layer) in enumerate(zip(family.decoder_layers(dense), model.model.layers)):
         gate, up, down = family.mlp_weights(family.mlp_module(dense_layer))
-        experts = layer.mlp.experts
         layer.mlp.router.weight.copy_(routing.mlp[index].router.weight)
-        for expert, mask in enumerate(state.expert_masks[index]):
-            channels = mask.nonzero().squeeze(-1)  # (width,), ascending
-            experts.channels[expert] = channels
-            experts.gate_up_proj[expert] = torch.cat([gate[channels], up[channels]])
-            experts.down_proj[expert] = down[:, channels]
+        if packed:
+            layer.mlp.experts.load_dense(gate, up, down, packed[index][0])
+        else:
+            layer.mlp.experts.load_dense_slices(gate, up, down, [mask.nonzero().squeeze(-1) for mask in state.expert_masks[index]])
         if routing.dynamic_attention:
             weights = family.attention_weights(family.attention_module(dense_layer), geometry)
             # head dims kept: RoPE first halves, their second halves, then non-rotary dims, each ascending
@@ -180,7 +248,7 @@ def build_tomoe(dense, routing: ToMoERouting, state: ForwardState) -> TomoeForCa
             attention.vo_router.token_proj.weight.copy_(source.token_proj.weight)
             attention.vo_router.token_proj.bias.copy_(state.mean_embeddings[index])
             attention.vo_router.mask_proj.load_state_dict(source.vo_proj.state_dict())
-    return model.eval()
+    return model.prepare_kernels_().eval()
 
 
 def _check_qk_norms(family, dense_attention, attention) -> None:

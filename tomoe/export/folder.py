@@ -53,13 +53,19 @@ def save_export(model, out_dir: str | Path, tokenizer=None) -> Path:
     return out_dir
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, format: str = "tomoe", pad_to: int | None = None) -> Path:
-    """Write the finished run in ``run_dir`` as a model folder ``out_dir`` (every input checked before loading)."""
-    from tomoe.export.build import check_exportable_run, export_model
+def export_run(run_dir: str | Path, out_dir: str | Path, format: str = "tomoe", pad_to: int | None = None,
+               layout: str | None = None, before_write=None) -> Path:
+    """Write the finished run in ``run_dir`` as a model folder ``out_dir`` (every input checked before loading).
+    ``layout``: the tomoe format's expert layout (``export_model``); ``before_write(model)`` is called once the model
+    is built, before anything is written (the CLI prints the memory of each layout there)."""
+    from tomoe.export.build import check_exportable_run, check_layout, export_model
     from tomoe.loading import load_tokenizer, resolve_model_source
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     info = check_exportable_run(run_dir, format, pad_to)
+    check_layout(format, layout)
     check_out_dir(out_dir)
-    model = export_model(run_dir, format, pad_to=pad_to)
+    model = export_model(run_dir, format, pad_to=pad_to, layout=layout)
+    if before_write is not None:
+        before_write(model)
     return save_export(model, out_dir, load_tokenizer(resolve_model_source(info.train.model)))

@@ -20,9 +20,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
-from .kernels import (
-    EXPERT_PATHS, GROUPED_KERNELS, canonical_slot_order, experts_forward, pad_query_key, single_forward, transpose_down_storage_, vo_project,
-)
+from .kernels import EXPERT_PATHS, GROUPED_KERNELS, pad_query_key, packed_forward, stacked_forward, transpose_storage_, vo_project
 from .configuration_tomoe import TomoeConfig
 
 
@@ -55,18 +53,56 @@ def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
     return mask.scatter_(-1, logits.topk(k, dim=-1).indices, 1.0) if k > 0 else mask
 
 
-class TomoeExperts(nn.Module):
-    """The N experts of one MLP, each its own slices of the dense gate/up/down weights, stored stacked.
+class TomoePackedExperts(nn.Module):
+    """The N experts of one MLP stored once, over the union of their channels (the default layout).
+
+    ``gate_up_proj (S, 2, d)`` holds, per stored channel, its dense gate row and up row; ``down_proj (S, d)`` its
+    dense down column (as a row); ``channels (S,)`` its dense channel index. Every stored channel is kept by at
+    least one expert, and expert e is ``ranges[e]``, a few [start, end) ranges of stored channels (config
+    ``expert_ranges``, chosen by ``packing.pack_channels``): the weights take the dense MLP's memory or less.
+
+    ``path`` picks the forward (``EXPERT_PATHS``, see ``kernels.packed_forward``): ``auto`` (default) chooses per
+    call between one expert's ranges, tokens grouped by expert, and the union of the stored channels.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, ranges: list, activation: str):
+        super().__init__()
+        if len(ranges) != num_experts:
+            raise ValueError(f"expert_ranges lists {len(ranges)} experts for a layer of {num_experts}")
+        self.num_experts = num_experts
+        self.ranges = [[(int(start), int(end)) for start, end in expert] for expert in ranges]
+        self.stored_width = max((end for expert in self.ranges for _, end in expert), default=0)
+        self.widths = [sum(end - start for start, end in expert) for expert in self.ranges]
+        self.gate_up_proj = nn.Parameter(torch.empty(self.stored_width, 2, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(self.stored_width, hidden_size))
+        self.register_buffer("channels", torch.zeros(self.stored_width, dtype=torch.long))
+        self.act_fn = ACT2FN[activation]
+        self.path, self.cost_model = "auto", None
+
+    @torch.no_grad()
+    def load_dense(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, channels) -> None:
+        """Fill the stored channels (``channels``: dense index of each of the S slots) from the dense weights.
+        ``gate``/``up``: (intermediate, d); ``down``: (d, intermediate)."""
+        index = torch.as_tensor(channels, dtype=torch.long, device=gate.device)
+        if index.shape != (self.stored_width,):
+            raise ValueError(f"{index.numel()} channels for {self.stored_width} stored slots")
+        self.channels.copy_(index)
+        self.gate_up_proj.copy_(torch.stack([gate[index], up[index]], dim=1))
+        self.down_proj.copy_(down[:, index].t())
+
+    def forward(self, hidden: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
+        """(n, d) tokens and their expert (n,) -> (n, d)."""
+        return packed_forward(self, hidden, expert_index)
+
+
+class TomoeStackedExperts(nn.Module):
+    """The N experts of one MLP, each its own slices of the dense gate/up/down weights, stored stacked: the layout of
+    exports written before the packed one (config without ``expert_layout``), N times the union's memory.
 
     ``gate_up_proj[e]`` holds the gate rows then the up rows of expert e's channels, ``down_proj[e]`` the matching
     down columns (the Mixtral layout of transformers), and ``channels[e]`` the dense channel index of each slot.
-    Slots are stored owned-first (see ``kernels.canonical_slot_order``; re-ordered in place on first use if not),
-    and ``down_proj`` is held in an (N, W, d) buffer seen as (N, d, W) (``kernels.transpose_down_storage_``): the
-    shapes, ``state_dict`` and saved files are the layout above.
-
-    ``path`` picks the forward (``EXPERT_PATHS``): ``auto`` (default) chooses per call between a single
-    expert, tokens grouped by expert, and the union of the batch's channels; ``grouped_kernel`` is the matmul
-    kernel of the grouped path: ``loop`` (CPU default) or transformers' ``grouped_mm`` (CUDA default) /
+    ``path``: ``auto``/``single``/``grouped``/``reference`` (``kernels.stacked_forward``); ``grouped_kernel``: the
+    matmul kernel of the grouped path: ``loop`` (CPU default) or transformers' ``grouped_mm`` (CUDA default) /
     ``batched_mm`` experts implementations.
     """
 
@@ -80,31 +116,28 @@ class TomoeExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, width))
         self.register_buffer("channels", torch.zeros(num_experts, width, dtype=torch.long))
         self.act_fn = ACT2FN[activation]
-        self.path, self.grouped_kernel, self.cost_model = "auto", None, None  # grouped_kernel None: per device
+        self.path, self.grouped_kernel = "auto", None  # grouped_kernel None: per device
 
-    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:  # read by transformers' experts implementations
         gate, up = gate_up.chunk(2, dim=-1)
         return self.act_fn(gate) * up
 
-    def expert_forward(self, hidden: torch.Tensor, expert: int) -> torch.Tensor:
-        return single_forward(self, hidden, expert)
-
     @torch.no_grad()
     def load_dense_slices(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, channels) -> None:
-        """Fill every expert with the dense weights of its channels (``channels[e]``: ``width`` distinct indices),
-        stored owned-first. ``gate``/``up``: (intermediate, d); ``down``: (d, intermediate)."""
-        rows = [[int(c) for c in expert_channels] for expert_channels in channels]
-        orders, _ = canonical_slot_order(rows)
-        transpose_down_storage_(self)
-        for expert, (row, order) in enumerate(zip(rows, orders)):
-            index = torch.tensor([row[slot] for slot in order], dtype=torch.long, device=gate.device)
+        """Fill every expert with the dense weights of its channels (``channels[e]``: ``width`` distinct indices).
+        ``gate``/``up``: (intermediate, d); ``down``: (d, intermediate)."""
+        for expert, expert_channels in enumerate(channels):
+            index = torch.as_tensor(expert_channels, dtype=torch.long, device=gate.device)
             self.channels[expert] = index.to(self.channels.device)
-            self.gate_up_proj[expert] = torch.cat([gate[index], up[index]]).to(self.gate_up_proj.dtype)
-            self.down_proj[expert] = down[:, index].to(self.down_proj.dtype)
+            self.gate_up_proj[expert] = torch.cat([gate[index], up[index]])
+            self.down_proj[expert] = down[:, index]
 
     def forward(self, hidden: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
         """(n, d) tokens and their expert (n,) -> (n, d)."""
-        return experts_forward(self, hidden, expert_index)
+        return stacked_forward(self, hidden, expert_index)
+
+
+EXPERT_CLASSES = (TomoePackedExperts, TomoeStackedExperts)
 
 
 class TomoeSparseMLP(nn.Module):
@@ -114,7 +147,13 @@ class TomoeSparseMLP(nn.Module):
         super().__init__()
         activation = getattr(config, "hidden_activation", None) or config.hidden_act
         self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
-        self.experts = TomoeExperts(config.num_experts, config.hidden_size, config.mlp_widths[layer_idx], activation)
+        layout = getattr(config, "expert_layout", "stacked")
+        if layout == "packed":
+            self.experts = TomoePackedExperts(config.num_experts, config.hidden_size, config.expert_ranges[layer_idx], activation)
+        elif layout == "stacked":
+            self.experts = TomoeStackedExperts(config.num_experts, config.hidden_size, config.mlp_widths[layer_idx], activation)
+        else:
+            raise ValueError(f"unknown expert_layout {layout!r}; this modeling code reads 'packed' and 'stacked'")
 
     def route(self, hidden: torch.Tensor) -> torch.Tensor:
         """Expert index of each token, (...,)."""
@@ -126,16 +165,16 @@ class TomoeSparseMLP(nn.Module):
 
 
 def set_experts_path(model: nn.Module, path: str = "auto", grouped_kernel: str | None = None) -> None:
-    """Force one MoE path (``EXPERT_PATHS``) and optionally the grouped kernel in every MoE layer."""
+    """Force one MoE path (``EXPERT_PATHS``) in every MoE layer, and optionally the grouped kernel of stacked ones."""
     if path not in EXPERT_PATHS:
         raise ValueError(f"unknown experts path {path!r}; choose one of {', '.join(EXPERT_PATHS)}")
     if grouped_kernel is not None and grouped_kernel not in GROUPED_KERNELS:
         raise ValueError(f"unknown grouped kernel {grouped_kernel!r}; choose one of {', '.join(GROUPED_KERNELS)}")
     for module in model.modules():
-        if isinstance(module, TomoeExperts):
+        if isinstance(module, EXPERT_CLASSES):
             module.path = path
-            if grouped_kernel is not None:
-                module.grouped_kernel = grouped_kernel
+        if isinstance(module, TomoeStackedExperts) and grouped_kernel is not None:
+            module.grouped_kernel = grouped_kernel
 
 
 class TomoeVORouter(nn.Module):
@@ -274,7 +313,7 @@ class TomoePreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, TomoeExperts):
+        if isinstance(module, EXPERT_CLASSES):
             nn.init.normal_(module.gate_up_proj, std=self.config.initializer_range)
             nn.init.normal_(module.down_proj, std=self.config.initializer_range)
 
@@ -291,6 +330,21 @@ class TomoeForCausalLM(TomoePreTrainedModel, GenerationMixin):
                 layer.self_attn = TomoeAttention(layer.self_attn, config, index)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+        self.prepare_kernels_()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded).prepare_kernels_()  # the loader may replace parameters
+        return loaded
+
+    def prepare_kernels_(self) -> "TomoeForCausalLM":
+        """Lay out what the kernels read, once (never at forward time): the output projections stored transposed,
+        for the gathered per-token V/O rows (``kernels.transpose_storage_``). Idempotent; values are unchanged."""
+        for layer in self.model.layers:
+            if isinstance(layer.self_attn, TomoeAttention) and type(layer.self_attn.o_proj) is nn.Linear:
+                transpose_storage_(layer.self_attn.o_proj)
+        return self
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
                 labels=None, use_cache=None, logits_to_keep=0, **kwargs) -> CausalLMOutputWithPast:

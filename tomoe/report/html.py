@@ -97,6 +97,8 @@ def _cards(data: ReportData) -> str:
         (data.attention, "attention routing"),
         (str(len(data.routing.tokens)), "sample tokens"),
     ]
+    if data.weights_vs_dense is not None:
+        cards.insert(1, (f"{data.weights_vs_dense:.2f}x", "weight memory vs dense"))
     return '<div class="cards">' + "".join(
         f'<div class="card"><div class="value">{escape(v)}</div><div class="label">{escape(label)}</div></div>' for v, label in cards
     ) + "</div>"
