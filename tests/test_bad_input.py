@@ -233,7 +233,7 @@ CASES = [
     (f"convert {TRAIN.replace('--steps 4', '--steps 2')} --resume --out {{run}}", "--steps 2 (the run has 4)"),
     ("convert --resume --experts 4 --seq-len 64 --quiet --out {run}", "--seq-len 64 (the run has 32); --experts 4 (the run has 8)"),
     ("convert --resume --preset quick --quiet --out {run}", "--preset quick seq-len 256 (the run has 32)"),
-    ("convert --resume --attention none --target-active 0.7 --quiet --out {run}", "--target-active 0.7 (the run has 0.5); --attention none"),
+    ("convert --resume --attention dynamic --target-active 0.7 --quiet --out {run}", "--target-active 0.7 (the run has 0.5); --attention dynamic"),
     (f"convert {TRAIN.replace('{data}', '{text}')} --resume --out {{run}}", "--data"),
     ("baseline split-moe --target-active 0.5 --resume --quiet --out {run}", "method split-moe (the run is tomoe"),
     # a run whose base model folder is gone
