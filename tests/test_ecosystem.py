@@ -208,7 +208,7 @@ def test_auto_tokenizer_does_not_ask_for_trust_remote_code(exports, format, prea
 from transformers import AutoTokenizer
 print(type(AutoTokenizer.from_pretrained({str(exports / format)!r})).__name__)
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-2000:]
     assert PROMPT not in result.stdout + result.stderr
     assert result.stdout.strip().endswith("TokenizersBackend")
