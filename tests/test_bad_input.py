@@ -245,7 +245,7 @@ CASES = [
     (f"convert {TRAIN.replace('--save-every 2', '--save-every 0')} --out {{root}}/never", "save-every must be a positive integer, got 0"),
     (f"convert {TRAIN} --seed -1 --out {{root}}/never", "seed must be an integer in [0, 2^63), got -1"),
     (f"convert {TRAIN} --target-active nan --out {{root}}/never", "target active ratio must be in (0, 1]"),
-    (f"baseline static-learned --target-active 0.5 {TRAIN.replace('1e-2', '-inf')} --out {{root}}/never", "got -inf"),
+    (f"baseline static-learned --target-active 0.5 {TRAIN.replace('--lr 1e-2', '--lr=-inf')} --out {{root}}/never", "got -inf"),
     ("eval {model} --ppl-file {text} --seq-len 1", "--seq-len must be at least 2"),
     # wrong kinds of files
     ("eval --compare {root}", "is a folder; pass results files"),
