@@ -118,6 +118,6 @@ def test_bf16_and_gradient_accumulation_run_on_cpu(tmp_path, tiny_model_dir, tin
     info = convert(tmp_path / "bf16", ToMoEConfig(attention="dynamic"), _train_config(tiny_model_dir, tiny_text_file, steps=3, grad_accum=2, bf16=True), progress=False)
     log = read_log(tmp_path / "bf16")
     assert info.train.bf16 is True and info.result["global_batch"] == 2
-    assert all(0 < r["kd"] < 10 and r["grad_norm"] > 0 for r in log)
+    assert all(0 <= r["kd"] < 10 and r["grad_norm"] > 0 for r in log)  # KD is exactly 0 while no channel is dropped
     assert read_run(tmp_path / "bf16").train.bf16 is True
     assert convert(tmp_path / "auto", ToMoEConfig(attention="dynamic"), _train_config(tiny_model_dir, tiny_text_file, steps=1), progress=False).train.bf16 is False

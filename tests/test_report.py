@@ -132,7 +132,8 @@ def test_statistics():
     geometry = get_family(config).geometry(config)
     full = layer_active_ratios(geometry, [geometry.intermediate_size], [geometry.head_dim], [geometry.head_dim])
     assert full == [pytest.approx(1.0)]
-    assert layer_active_ratios(geometry, [0], [0], [0]) == [0.0]
+    # nothing kept but v_proj, which is computed whole
+    assert layer_active_ratios(geometry, [0], [0], [0]) == [pytest.approx(geometry.attention_params(0, 0) / geometry.dense_params_per_layer)]
 
 
 def test_cli_report_with_user_text_is_escaped(tiny_run, tmp_path, capsys):
