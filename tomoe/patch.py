@@ -115,8 +115,7 @@ def resolve_attention(config: ToMoEConfig, geometry: Geometry) -> ToMoEConfig:
     """
     if config.attention != "auto":
         return config
-    attention_share = geometry.attention_params(geometry.head_dim, geometry.head_dim) / geometry.dense_params_per_layer
-    dense = geometry.head_dim < SMALL_HEAD_DIM and config.target_active > attention_share + 0.1
+    dense = geometry.head_dim < SMALL_HEAD_DIM and config.target_active > geometry.dense_attention_share + 0.1
     return dataclasses.replace(config, attention="none" if dense else "dynamic")
 
 

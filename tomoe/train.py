@@ -85,10 +85,7 @@ def loss_terms(method: Method) -> tuple[str, ...]:
 
 def min_active_ratio(geometry, config: ToMoEConfig) -> float:
     """The smallest reachable ratio: with attention left dense, only the MLPs can shrink."""
-    if config.attention == "dynamic":
-        return 0.0
-    dense_attention = geometry.attention_params(geometry.head_dim, geometry.head_dim)
-    return dense_attention / geometry.dense_params_per_layer
+    return 0.0 if config.attention == "dynamic" else geometry.dense_attention_share
 
 
 def prepare_run(run_dir: Path, tomoe_config: ToMoEConfig, train_config: TrainConfig, resume: bool, method_name: str = "tomoe",

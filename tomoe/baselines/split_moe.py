@@ -81,7 +81,7 @@ def choose_experts(geometry: Geometry, target: float, experts: int | None = None
             if ratio <= target + 1e-9 and (best is None or ratio >= best[2] - 1e-12):  # later n are larger
                 best = (n, k, ratio)
     if best is None:
-        floor = geometry.attention_params(geometry.head_dim, geometry.head_dim) / geometry.dense_params_per_layer
+        floor = geometry.dense_attention_share
         given = ", ".join(f"{name}={value}" for name, value in (("N", experts), ("k", top_k)) if value is not None)
         fixed = f" with {given}" if given else ""
         raise ToMoEError(

@@ -35,6 +35,11 @@ class Geometry:
         return self.hidden_size * per_head
 
     @property
+    def dense_attention_share(self) -> float:
+        """The fraction of a layer's linear weights in dense attention: the lowest active ratio with attention dense."""
+        return self.attention_params(self.head_dim, self.head_dim) / self.dense_params_per_layer
+
+    @property
     def dense_params_per_layer(self) -> int:
         return self.mlp_params_per_channel * self.intermediate_size + self.attention_params(self.head_dim, self.head_dim)
 
