@@ -78,6 +78,32 @@ def _needs_grad(hidden: torch.Tensor, *weights: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and (hidden.requires_grad or any(w.requires_grad for w in weights))
 
 
+# ------------------------------------------------------------------------------------------------ both layouts
+def sorted_by_expert(experts, hidden: torch.Tensor, expert_index: torch.Tensor, counts: list[int],
+                     expert_forward, expert_into) -> torch.Tensor:
+    """The grouped path of either layout: tokens (n, d) sorted by expert, each expert with tokens applied to all of
+    them at once, the results put back in token order, (n, d).
+
+    ``expert_forward(experts, tokens, e)`` returns expert e's output; ``expert_into(experts, tokens, e, out)`` writes
+    it into ``out``, which inference uses so that all experts fill one buffer. Under autograd the outputs are
+    concatenated out of place instead, so that they can be differentiated.
+    """
+    present = [expert for expert, count in enumerate(counts) if count]
+    if len(present) == 1:  # every token on one expert: nothing to sort
+        return expert_forward(experts, hidden, present[0])
+    order = expert_index.argsort(stable=True)
+    grouped = hidden.index_select(0, order)
+    starts = [sum(counts[:expert]) for expert in present]
+    spans = [(expert, start, start + counts[expert]) for expert, start in zip(present, starts)]
+    if _needs_grad(hidden, experts.gate_up_proj, experts.down_proj):
+        result = torch.cat([expert_forward(experts, grouped[start:end], expert) for expert, start, end in spans])
+        return result.index_copy(0, order, result)
+    result = torch.empty_like(grouped)
+    for expert, start, end in spans:
+        expert_into(experts, grouped[start:end], expert, result[start:end])
+    return grouped.index_copy_(0, order, result)  # reuses the sorted input's buffer
+
+
 # ------------------------------------------------------------------------------------------------ packed layout
 def _gated(experts, gate_up: torch.Tensor) -> torch.Tensor:
     """(n, 2k) interleaved gate/up outputs (channel-major) -> act(gate) * up, (n, k)."""
@@ -130,26 +156,7 @@ def _expert_into(experts, hidden: torch.Tensor, expert: int, out: torch.Tensor) 
 
 def packed_grouped_forward(experts, hidden: torch.Tensor, expert_index: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Tokens sorted by expert, each expert's ranges applied to all its tokens at once, unsorted into place."""
-    present = [expert for expert, count in enumerate(counts) if count]
-    if len(present) == 1:  # every token on one expert: nothing to sort
-        return packed_expert_forward(experts, hidden, present[0])
-    order = expert_index.argsort(stable=True)
-    grouped = hidden.index_select(0, order)
-    if _needs_grad(hidden, experts.gate_up_proj, experts.down_proj):  # out-of-place, so autograd can differentiate it
-        outputs, start = [], 0
-        for expert, count in enumerate(counts):
-            if count:
-                outputs.append(packed_expert_forward(experts, grouped[start : start + count], expert))
-                start += count
-        result = torch.cat(outputs)
-        return result.index_copy(0, order, result)
-    result = torch.empty_like(grouped)
-    start = 0
-    for expert, count in enumerate(counts):
-        if count:
-            _expert_into(experts, grouped[start : start + count], expert, result[start : start + count])
-            start += count
-    return grouped.index_copy_(0, order, result)  # reuses the sorted input's buffer
+    return sorted_by_expert(experts, hidden, expert_index, counts, packed_expert_forward, _expert_into)
 
 
 def packed_union_forward(experts, hidden: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
@@ -207,30 +214,15 @@ def single_forward(experts, hidden: torch.Tensor, expert: int) -> torch.Tensor:
     return F.linear(experts.act_fn(gate) * up, experts.down_proj[expert])
 
 
+def _single_into(experts, hidden: torch.Tensor, expert: int, out: torch.Tensor) -> None:
+    """``single_forward`` written into ``out`` (inference only)."""
+    gate, up = F.linear(hidden, experts.gate_up_proj[expert]).chunk(2, dim=-1)
+    torch.matmul(experts.act_fn(gate).mul_(up), experts.down_proj[expert].t(), out=out)
+
+
 def grouped_forward(experts, hidden: torch.Tensor, expert_index: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Tokens sorted by expert, one gate/up and one down matmul per expert with tokens, unsorted into place."""
-    present = [expert for expert, count in enumerate(counts) if count]
-    if len(present) == 1:  # every token on one expert: nothing to sort
-        return single_forward(experts, hidden, present[0])
-    order = expert_index.argsort(stable=True)
-    grouped = hidden.index_select(0, order)
-    if _needs_grad(hidden, experts.gate_up_proj, experts.down_proj):  # out-of-place, so autograd can differentiate it
-        outputs, start = [], 0
-        for expert, count in enumerate(counts):
-            if count:
-                outputs.append(single_forward(experts, grouped[start : start + count], expert))
-                start += count
-        result = torch.cat(outputs)
-        return result.index_copy(0, order, result)
-    result = torch.empty_like(grouped)
-    start = 0
-    for expert, count in enumerate(counts):
-        if count:
-            end = start + count
-            gate, up = F.linear(grouped[start:end], experts.gate_up_proj[expert]).chunk(2, dim=-1)
-            torch.matmul(experts.act_fn(gate).mul_(up), experts.down_proj[expert].t(), out=result[start:end])
-            start = end
-    return grouped.index_copy_(0, order, result)  # reuses the sorted input's buffer
+    return sorted_by_expert(experts, hidden, expert_index, counts, single_forward, _single_into)
 
 
 def hf_grouped_forward(experts, hidden: torch.Tensor, expert_index: torch.Tensor, kernel: str) -> torch.Tensor:
