@@ -88,10 +88,12 @@ def load_dense(name: str, layers: int, dtype, device):
 
 
 def geometry(config) -> dict:
-    heads = config.num_attention_heads
-    return dict(d=config.hidden_size, D=config.intermediate_size, layers=config.num_hidden_layers, heads=heads,
-                kv_heads=config.num_key_value_heads, head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-                vocab=config.vocab_size)
+    """The shapes the benchmark reads, and the family's ``Geometry`` (``shape``), which counts their weights."""
+    from tomoe.families import get_family
+
+    shape = get_family(config).geometry(config)
+    return dict(d=shape.hidden_size, D=shape.intermediate_size, layers=shape.num_layers, heads=shape.num_heads,
+                kv_heads=shape.num_kv_heads, head_dim=shape.head_dim, vocab=config.vocab_size, shape=shape)
 
 
 def moe_structure(geo: dict, target: float) -> dict:
@@ -213,18 +215,17 @@ def model_bytes(model) -> int:
 
 
 def active_ratio(geo: dict, structure: dict) -> float:
-    """Decoder linear weights a token uses, MoE / dense (as ``tomoe info`` counts them)."""
-    d, D, h, kv, hd = geo["d"], geo["D"], geo["heads"], geo["kv_heads"], geo["head_dim"]
-    dense = geo["layers"] * (3 * d * D + d * hd * 2 * (h + kv))
-    moe = sum(3 * d * w + d * qk * (h + kv) + d * vo * (h + kv)
-              for w, qk, vo in zip(structure["mlp_widths"], structure["qk_dims"], structure["vo_topk"]))
-    return moe / dense
+    """Decoder linear weights a token uses, MoE / dense (``tomoe.losses.active_ratio``, as ``tomoe info`` counts them)."""
+    from tomoe.losses import Widths, active_ratio as widths_active_ratio
+
+    widths = Widths(structure["mlp_widths"], structure["qk_dims"], structure["vo_topk"])
+    return float(widths_active_ratio(widths, geo["shape"]))
 
 
 # ------------------------------------------------------------------------------------------------ FLOPs
 def token_flops(geo: dict, structure: dict | None, context: float, logits: float) -> float:
     """FLOPs of one token through the model attending to ``context`` keys, plus ``logits`` LM-head rows."""
-    d, D, h, kv, hd = geo["d"], geo["D"], geo["heads"], geo["kv_heads"], geo["head_dim"]
+    d, D, h, hd = geo["d"], geo["D"], geo["heads"], geo["head_dim"]
     total = 0.0
     for layer in range(geo["layers"]):
         if structure is None:
@@ -232,9 +233,8 @@ def token_flops(geo: dict, structure: dict | None, context: float, logits: float
         else:
             qk, vo, mlp = structure["qk_dims"][layer], structure["vo_topk"][layer], structure["mlp_widths"][layer]
             extra = 2 * d * NUM_EXPERTS + 2 * (d * 128 + 128 * hd)  # MLP router, V/O router (Proj_E, Proj_D)
-        total += 2 * d * (h * qk + kv * qk + kv * hd) + 2 * h * vo * d  # Q, K (sliced), V (full), O (top-K)
+        total += 2 * geo["shape"].layer_params(mlp, qk, vo) + extra  # a multiply-add per weight the token uses
         total += 2 * h * context * (qk + vo)  # scores over the kept Q/K dims, P.V over the kept V dims
-        total += 2 * 3 * d * mlp + extra
     return total + 2 * d * geo["vocab"] * logits
 
 

@@ -89,7 +89,7 @@ def test_static_magnitude_routing_keeps_exactly_the_chosen_channels_at_the_targe
     magnitude.set_static_masks(routing, kept)
     summary = summarize_routing(tiny_llama, routing, sample_ids)  # sets the V/O top-K, as a finished run does
     routing.eval()  # deterministic routing, as evaluated
-    one_channel = routing.geometry.mlp_params_per_channel / routing.geometry.dense_params_per_layer
+    one_channel = routing.geometry.mlp_params(1) / routing.geometry.dense_params_per_layer
     assert 0.6 - one_channel < summary.active_ratio <= 0.6
     assert [int(k[0].sum()) for k in kept] == summary.mlp_widths and summary.vo_topk == [10, 10] and summary.qk_dims == [10, 10]
     with torch.no_grad():

@@ -75,10 +75,7 @@ def layer_widths(state: ForwardState, geometry: Geometry, token_mask: torch.Tens
 
 def active_ratio(widths: Widths, geometry: Geometry) -> torch.Tensor:
     """Active fraction of the decoder blocks' linear weights, T(d_MoE) / T_total in Eq. 8."""
-    active = sum(
-        geometry.mlp_params_per_channel * mlp + geometry.attention_params(qk, vo)
-        for mlp, qk, vo in zip(widths.mlp, widths.qk, widths.vo)
-    )
+    active = sum(geometry.layer_params(mlp, qk, vo) for mlp, qk, vo in zip(widths.mlp, widths.qk, widths.vo))
     return active / (geometry.dense_params_per_layer * geometry.num_layers)
 
 

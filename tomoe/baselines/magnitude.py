@@ -121,7 +121,7 @@ def select_channels(scores: MagnitudeScores, geometry: Geometry, groups: torch.T
                     qk_keep[group], qk_dims = True, qk_dims + group_sizes[group]
             vo_keep, vo_dims = _top(vo, keep_dims), keep_dims
         budget = target * geometry.dense_params_per_layer - geometry.attention_params(qk_dims, vo_dims)
-        width = min(geometry.intermediate_size, max(0, int(budget // geometry.mlp_params_per_channel)))
+        width = min(geometry.intermediate_size, max(0, int(budget // geometry.mlp_params(1))))
         kept.append((_top(mlp, width), qk_keep, vo_keep))
     return kept
 

@@ -148,14 +148,14 @@ def layout_weight_bytes(dense, routing: ToMoERouting, state: ForwardState, pad_t
         sizes[f"tomoe {layout}"] = _tensor_bytes(model, dense.dtype)
     geometry, element = routing.geometry, dense.dtype.itemsize
     num_experts, hidden = routing.config.num_experts, geometry.hidden_size
-    dense_mlp = 3 * hidden * geometry.intermediate_size * geometry.num_layers * element
+    dense_mlp = geometry.mlp_params(geometry.intermediate_size) * geometry.num_layers * element
     for name, stock in STOCK_FORMATS.items():
         try:
             stock.check(routing.config.attention, routing.family.name)
         except ToMoEError:
             continue
         width = padded_width(state, pad_to)
-        experts = geometry.num_layers * num_experts * (3 * hidden * width + hidden) * element  # + the router
+        experts = geometry.num_layers * num_experts * (geometry.mlp_params(width) + hidden) * element  # + the router
         sizes[name] = sizes["dense"] - dense_mlp + experts
     return sizes
 

@@ -20,28 +20,36 @@ class Geometry:
     head_dim: int
     rotary_dim: int  # leading dims of each head that RoPE rotates; the rest are position-free
 
-    @property
-    def mlp_params_per_channel(self) -> int:
-        # One intermediate channel owns a column of gate and up and a row of down.
-        return 3 * self.hidden_size
+    # Parameter accounting: every count of active or total decoder weights (the budget loss, `tomoe info`, the
+    # export's memory estimate, the report, the benchmarks) goes through the three functions below.
+    def mlp_params(self, width: torch.Tensor | float):
+        """Weights of an MLP keeping ``width`` intermediate channels: each channel owns a row of gate and of up and
+        a column of down. At ``intermediate_size``, the dense MLP."""
+        return 3 * self.hidden_size * width
 
     def attention_params(self, qk_dims: torch.Tensor | float, vo_dims: torch.Tensor | float):
         """Weights of q/k/v/o a token uses when each head keeps ``qk_dims`` query/key dims and ``vo_dims`` output dims.
 
         q and k are sliced to ``qk_dims``; the V/O mask acts on each head's attention output, so o_proj reads
         ``vo_dims`` columns while v_proj is computed whole (its rows feed every later query, whose masks differ).
+        At ``head_dim`` for both, the dense attention.
         """
         per_head = (self.num_heads + self.num_kv_heads) * qk_dims + self.num_kv_heads * self.head_dim + self.num_heads * vo_dims
         return self.hidden_size * per_head
+
+    def layer_params(self, mlp_width: torch.Tensor | float, qk_dims: torch.Tensor | float, vo_dims: torch.Tensor | float):
+        """Linear weights of one decoder layer that a token uses (T(d_MoE) of Eq. 8, per layer): its MLP at
+        ``mlp_width`` channels plus its attention. Differentiable in tensor widths."""
+        return self.mlp_params(mlp_width) + self.attention_params(qk_dims, vo_dims)
+
+    @property
+    def dense_params_per_layer(self) -> int:
+        return self.layer_params(self.intermediate_size, self.head_dim, self.head_dim)
 
     @property
     def dense_attention_share(self) -> float:
         """The fraction of a layer's linear weights in dense attention: the lowest active ratio with attention dense."""
         return self.attention_params(self.head_dim, self.head_dim) / self.dense_params_per_layer
-
-    @property
-    def dense_params_per_layer(self) -> int:
-        return self.mlp_params_per_channel * self.intermediate_size + self.attention_params(self.head_dim, self.head_dim)
 
 
 @dataclass(frozen=True)
