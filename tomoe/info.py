@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from tomoe.errors import ToMoEError
+from tomoe.export.build import STOCK_FORMATS
+from tomoe.families import Geometry, get_family
 from tomoe.report.collect import DEFAULT_TEXT as SAMPLE_TEXT  # one built-in sample for info and report
 
 STOCK_KINDS = ("mixtral", "qwen3_moe")  # stock transformers MoE layouts written by `tomoe export --format`
@@ -50,25 +54,43 @@ def read_export_metadata(model_dir: Path) -> dict:
     return values
 
 
-def dense_parameter_counts(model, kind: str, model_dir: Path) -> tuple[int, int]:
-    """(whole dense model, its decoder-block linear weights) of the base the export came from."""
+def export_geometry(model, kind: str, model_dir: Path) -> Geometry:
+    """The dense shapes an export came from. A tomoe export's config keeps every dense shape; a stock layout's
+    ``intermediate_size`` is its expert width, so the dense one comes from the export's metadata."""
     config = model.config
-    hidden, layers = config.hidden_size, config.num_hidden_layers
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    base_type = config.base_model_type if kind == "tomoe" else STOCK_FORMATS[kind].base_family
+    geometry = get_family(SimpleNamespace(model_type=base_type, architectures=None)).geometry(config)
     if kind == "tomoe":
-        intermediate = config.intermediate_size
-    else:
-        intermediate = read_export_metadata(model_dir).get("dense_intermediate_size")
-        if not isinstance(intermediate, int):
-            raise ToMoEError(f"{model_dir / EXPORT_METADATA} has no dense_intermediate_size; export the run again.")
-    decoder = layers * (3 * hidden * intermediate + hidden * head_dim * 2 * (heads + kv_heads))
-    moe_decoder = sum(_decoder_weights(layer, kind) for layer in model.model.layers)
-    total_stored = sum(p.numel() for p in model.parameters())
-    return total_stored - moe_decoder + decoder, decoder
+        return geometry
+    intermediate = read_export_metadata(model_dir).get("dense_intermediate_size")
+    if not isinstance(intermediate, int):
+        raise ToMoEError(f"{model_dir / EXPORT_METADATA} has no dense_intermediate_size; export the run again.")
+    return dataclasses.replace(geometry, intermediate_size=intermediate)
 
 
-def _decoder_weights(layer, kind: str) -> int:
+def dense_parameter_counts(model, geometry: Geometry) -> tuple[int, int]:
+    """(whole dense model, its decoder-block linear weights) of the base the export came from.
+
+    The whole model is the export's parameters with what the export added taken out (the MLP routers, the V/O
+    routers) and what it sliced put back at its dense size (every MLP, the query/key rows of pruned attention).
+    """
+    total = sum(p.numel() for p in model.parameters())  # a tied embedding once, as in the dense model
+    for layer in model.model.layers:
+        total -= _numel(layer.mlp)  # experts and router
+        attention = layer.self_attn
+        if hasattr(attention, "vo_router"):  # pruned attention: q/k hold (heads * qk_dim) rows, bias included
+            total -= _numel(attention.vo_router)
+            total += sum(_numel(sliced) // attention.qk_dim * (geometry.head_dim - attention.qk_dim)
+                         for sliced in (attention.q_proj, attention.k_proj))
+    total += geometry.num_layers * geometry.mlp_params(geometry.intermediate_size)
+    return total, geometry.num_layers * geometry.dense_params_per_layer
+
+
+def _numel(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _decoder_weights(layer) -> int:
     experts = layer.mlp.experts
     attention = layer.self_attn
     # q/k/v/o, or a family's fused qkv_proj + o_proj when attention stayed dense
@@ -76,20 +98,12 @@ def _decoder_weights(layer, kind: str) -> int:
     return experts.gate_up_proj.numel() + experts.down_proj.numel() + sum(p.weight.numel() for p in projections)
 
 
-def _qk_dims(attention, heads: int, kv_heads: int, head_dim: int) -> int:
-    if hasattr(attention, "q_proj"):
-        return attention.q_proj.out_features // heads
-    return head_dim  # fused dense qkv_proj: attention was not pruned
-
-
 @torch.no_grad()
 def model_info(model_dir: str | Path, text: str | None = None) -> dict:
     model, kind = load_exported(model_dir)
     config = model.config
-    hidden = config.hidden_size
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    dense_total, dense_decoder = dense_parameter_counts(model, kind, Path(model_dir))
+    geometry = export_geometry(model, kind, Path(model_dir))
+    dense_total, dense_decoder = dense_parameter_counts(model, geometry)
 
     # Route the sample text and count, per token, the weights it actually uses.
     routed: dict[int, torch.Tensor] = {}
@@ -113,16 +127,15 @@ def model_info(model_dir: str | Path, text: str | None = None) -> dict:
     for index, layer in enumerate(model.model.layers):
         experts = layer.mlp.experts
         useful = _useful_widths(experts)  # (N,) channels that are not zero padding
-        qk = _qk_dims(layer.self_attn, heads, kv_heads, head_dim)
-        vo = config.vo_topk[index] if kind == "tomoe" else head_dim
-        attention = hidden * ((heads + kv_heads) * qk + kv_heads * head_dim + heads * vo)  # v_proj is computed whole
-        per_token_decoder += (3 * hidden * useful[routed[index]] + attention).double()
+        qk = getattr(layer.self_attn, "qk_dim", geometry.head_dim)  # a stock or dense attention keeps every dim
+        vo = config.vo_topk[index] if kind == "tomoe" else geometry.head_dim
+        per_token_decoder += geometry.layer_params(useful[routed[index]], qk, vo).double()
         layers.append({"layer": index, "expert_widths": useful.tolist(), "stored_width": _stored_width(experts), "qk_dims": qk, "vo_topk": vo})
-    stored_decoder = sum(_decoder_weights(layer, kind) for layer in model.model.layers)
+    stored_decoder = sum(_decoder_weights(layer) for layer in model.model.layers)
     total = sum(p.numel() for p in model.parameters())
     shared = total - stored_decoder  # embeddings, norms, routers: used by every token
     per_token = per_token_decoder + shared
-    padding = 0 if _is_packed(config) else sum(3 * hidden * (entry["stored_width"] - max(entry["expert_widths"])) for entry in layers) * config.num_experts
+    padding = 0 if _is_packed(config) else sum(geometry.mlp_params(entry["stored_width"] - max(entry["expert_widths"])) for entry in layers) * config.num_experts
     weight_bytes, element_size = weight_file_bytes(Path(model_dir))
     return {
         "model_dir": str(model_dir),

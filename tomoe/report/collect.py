@@ -69,7 +69,7 @@ def layer_active_ratios(geometry, mlp_widths: list[int], qk_dims: list[int], vo_
     """Per layer (params of the widest expert + kept attention params) / dense params, as in Eq. 8."""
     dense = geometry.dense_params_per_layer
     return [
-        float(geometry.mlp_params_per_channel * mlp + geometry.attention_params(qk, vo)) / dense
+        float(geometry.layer_params(mlp, qk, vo)) / dense
         for mlp, qk, vo in zip(mlp_widths, qk_dims, vo_topk)
     ]
 
@@ -170,7 +170,7 @@ def collect_exported(model_dir: Path, text_file: str | Path | None = None) -> Re
 
     from transformers import AutoTokenizer
 
-    from tomoe.info import dense_parameter_counts, load_exported, weight_file_bytes
+    from tomoe.info import dense_parameter_counts, export_geometry, load_exported, weight_file_bytes
 
     text, caption = read_sample_text(text_file)
     model, kind = load_exported(model_dir)
@@ -191,11 +191,12 @@ def collect_exported(model_dir: Path, text_file: str | Path | None = None) -> Re
     model(input_ids)
     for handle in handles:
         handle.remove()
+    geometry = export_geometry(model, kind, model_dir)
     if kind == "tomoe":
-        geometry, masks, qk_dims, vo_topk, mlp_widths = _tomoe_structure(model)
+        masks, qk_dims, vo_topk, mlp_widths = _tomoe_structure(model, geometry)
         attention, base_type = "none" if config.dense_attention else "dynamic", config.base_model_type
     else:
-        geometry, masks, qk_dims, vo_topk, mlp_widths = _stock_structure(model, kind, exported["dense_intermediate_size"])
+        masks, qk_dims, vo_topk, mlp_widths = _stock_structure(model, geometry)
         attention, base_type = "none", kind
     layer_active = layer_active_ratios(geometry, mlp_widths, qk_dims, vo_topk)
     learned = exported.get("result", {}).get("expert_widths") or [[int(w) for w in mask.sum(axis=1)] for mask in masks]
@@ -221,19 +222,13 @@ def collect_exported(model_dir: Path, text_file: str | Path | None = None) -> Re
         active_ratio=float(np.mean(layer_active)),
         routing=TokenRouting(pieces, [routed[i] for i in range(len(masks))], caption, truncated),
         details=details,
-        weights_vs_dense=weight_bytes / (dense_parameter_counts(model, kind, model_dir)[0] * element_size),
+        weights_vs_dense=weight_bytes / (dense_parameter_counts(model, geometry)[0] * element_size),
     )
 
 
-def _tomoe_structure(model):
-    """(geometry, expert masks over dense channels, qk dims, vo top-K, MLP widths) of a tomoe-format export."""
-    from types import SimpleNamespace
-
-    from tomoe.families import get_family
-
+def _tomoe_structure(model, geometry):
+    """(expert masks over dense channels, qk dims, vo top-K, MLP widths) of a tomoe-format export."""
     config = model.config
-    family = get_family(SimpleNamespace(model_type=config.base_model_type, architectures=None))
-    geometry = family.geometry(config)  # the exported config keeps every dense shape
     masks = []
     for layer in model.model.layers:
         experts = layer.mlp.experts
@@ -245,19 +240,12 @@ def _tomoe_structure(model):
         else:
             np.put_along_axis(mask, experts.channels.cpu().numpy(), True, axis=1)
         masks.append(mask)
-    return geometry, masks, list(config.qk_dims), list(config.vo_topk), list(config.mlp_widths)
+    return masks, list(config.qk_dims), list(config.vo_topk), list(config.mlp_widths)
 
 
-def _stock_structure(model, kind: str, dense_intermediate_size: int):
+def _stock_structure(model, geometry):
     """The same for a stock layout (attention dense), channels identified by their gate and up rows."""
-    import dataclasses
-    from types import SimpleNamespace
-
-    from tomoe.export.build import STOCK_FORMATS
-    from tomoe.families import get_family
-
-    family = get_family(SimpleNamespace(model_type=STOCK_FORMATS[kind].base_family, architectures=None))
-    geometry = dataclasses.replace(family.geometry(model.config), intermediate_size=dense_intermediate_size)
+    dense_intermediate_size = geometry.intermediate_size
     masks = []
     for layer in model.model.layers:
         experts = layer.mlp.experts
