@@ -34,14 +34,19 @@ import dataclasses
 import hashlib
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
+from accelerate import Accelerator, DistributedType
 from tqdm.auto import tqdm
 
 from tomoe.config import ToMoEConfig
+from tomoe.data import BlockSampler, load_documents, pack_blocks, validate_data_spec
 from tomoe.errors import ToMoEError
-from tomoe.families import get_family
+from tomoe.families import FamilyAdapter, get_family
+from tomoe.loading import ModelSource, load_config, load_model, load_tokenizer, resolve_model_source
 from tomoe.losses import budget_target, kd_loss, tomoe_objective
 from tomoe.measure import summarize_routing
 from tomoe.methods import Method, get_method
@@ -54,6 +59,7 @@ from tomoe.run import (
     discard_checkpoint,
     is_run_dir,
     load_checkpoint,
+    read_log,
     read_run,
     save_checkpoint,
     truncate_log,
@@ -88,16 +94,25 @@ def min_active_ratio(geometry, config: ToMoEConfig) -> float:
     return 0.0 if config.attention == "dynamic" else geometry.dense_attention_share
 
 
+@dataclass
+class RunPlan:
+    """A run's settings, checked before any heavy work: an existing run's own settings when resuming it."""
+
+    tomoe: ToMoEConfig
+    train: TrainConfig
+    method: Method
+    method_config: dict
+    existing: RunInfo | None  # the run already in the directory (resumed), else None
+    source: ModelSource
+    family: FamilyAdapter
+
+
 def prepare_run(run_dir: Path, tomoe_config: ToMoEConfig, train_config: TrainConfig, resume: bool, method_name: str = "tomoe",
-                method_config: dict | None = None):
-    """Validate everything cheap before any heavy work; returns (tomoe config, train config, method, method config,
-    existing run or None, model source, family): an existing run's own settings when resuming it.
+                method_config: dict | None = None) -> RunPlan:
+    """Validate everything cheap before any heavy work.
 
     Reads only, so every process of a multi-process run can call it before process 0 writes anything.
     """
-    from tomoe.data import validate_data_spec
-    from tomoe.loading import load_config, resolve_model_source
-
     method, method_config = get_method(method_name), method_config or {}
     existing = None
     if run_dir.exists() and not run_dir.is_dir():
@@ -138,7 +153,7 @@ def prepare_run(run_dir: Path, tomoe_config: ToMoEConfig, train_config: TrainCon
             f"--target-active {tomoe_config.target_active} cannot be reached with --attention none: dense attention alone is "
             f"{floor:.3f} of the prunable weights. Use a target above {floor:.3f} or --attention dynamic."
         )
-    return tomoe_config, train_config, method, method_config, existing, source, family
+    return RunPlan(tomoe_config, train_config, method, method_config, existing, source, family)
 
 
 def convert(
@@ -159,48 +174,113 @@ def convert(
     Called by every process of a multi-process run (``torchrun`` / ``accelerate launch``); ``cpu=True`` keeps a
     run on the CPU even where a GPU is present.
     """
-    from accelerate import Accelerator, DistributedType
-
-    from tomoe.data import BlockSampler, load_documents, pack_blocks
-    from tomoe.loading import load_model, load_tokenizer
-
     accelerator = Accelerator(cpu=cpu)
-    device, world, rank, main = accelerator.device, accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     run_dir = Path(run_dir)
-    tomoe_config, train_config, method, method_config, existing, source, family = prepare_run(
-        run_dir, tomoe_config or ToMoEConfig(), train_config or TrainConfig(), resume, method, method_config)
-    if existing is not None and existing.status == "finished":
-        return existing
+    plan = prepare_run(run_dir, tomoe_config or ToMoEConfig(), train_config or TrainConfig(), resume, method, method_config)
+    if plan.existing is not None and plan.existing.status == "finished":
+        return plan.existing
+    run = start_training(run_dir, plan, accelerator)
+    tc = run.train
+    bar = tqdm(total=tc.steps, initial=run.start, desc="tomoe convert", disable=not (progress and run.main), dynamic_ncols=True)
+    began = time.time()
+    for step in range(run.start, tc.steps):
+        if isinstance(run.routing, ToMoERouting):
+            run.routing.budget_target = budget_target(run.info.tomoe.target_active, step / tc.steps, run.info.tomoe.budget_warmup)
+        values, grad_norm = accumulate_gradients(run, step)
+        if not (math.isfinite(values["loss"]) and math.isfinite(grad_norm)):  # the same verdict on every process
+            stop_non_finite(run, step, values, grad_norm)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        values = {name: round(value, 6) for name, value in values.items()}
+        bar.update(1)
+        bar.set_postfix({POSTFIX.get(name, name): f"{values[name]:.4f}" for name in run.names[1:]})
+        if run.main and (done % tc.log_every == 0 or done == tc.steps):
+            log_step(run, done, values, grad_norm, time.time() - began)
+        if done % tc.save_every == 0 or done == tc.steps:
+            save_step(run, done, values)
+    bar.close()
+    return finish(run, began)
+
+
+@dataclass
+class Training:
+    """What the loop reads and updates, built once by :func:`start_training`."""
+
+    run_dir: Path
+    info: RunInfo  # the run's settings (``info.train`` with bf16 decided), written to the run directory
+    method: Method
+    accelerator: Accelerator
+    model: torch.nn.Module  # the frozen dense model, with the routing's hooks
+    routing: HookedRouting
+    optimizer: torch.optim.Optimizer
+    params: list[torch.nn.Parameter]  # the routing's trainable parameters
+    sampler: BlockSampler  # the global batch of every step
+    eval_blocks: torch.Tensor  # held-out blocks for the final measurement
+    start: int  # the first step to run (a resumed checkpoint's step)
+    last_saved: int  # the step of the last complete checkpoint
+
+    @property
+    def train(self) -> TrainConfig:
+        return self.info.train
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def global_batch(self) -> int:
+        return self.train.batch_size * self.world * self.train.grad_accum
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return loss_terms(self.method)
+
+    @property
+    def kd_weight(self) -> float:
+        # kd_weight belongs to ToMoE's objective (Eq. 10); split-moe keeps its own KD + R_L balance.
+        return self.info.tomoe.kd_weight if self.method.tomoe_masks else 1.0
+
+
+def start_training(run_dir: Path, plan: RunPlan, accelerator: Accelerator) -> Training:
+    """Load the model and the data, attach the routing and its optimizer, restore the last checkpoint of a resumed
+    run, and write the run's settings (process 0)."""
+    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    existing, method, family, method_config = plan.existing, plan.method, plan.family, plan.method_config
     if existing is not None and existing.world_size != world:
         raise ToMoEError(
             f"the run in {run_dir} was trained by {existing.world_size} process(es) and is being resumed by {world}; "
             f"resume it with {existing.world_size} so that every step sees the same global batch and noise."
         )
-    tc = train_config
+    tc = plan.train
     if tc.bf16 is None:  # decided once, when the run starts, and kept by a resume
         tc = dataclasses.replace(tc, bf16=device.type == "cuda")
     fsdp = (tc.fsdp or accelerator.distributed_type == DistributedType.FSDP) and world > 1
     global_batch = tc.batch_size * world * tc.grad_accum
     accelerator.wait_for_everyone()  # every process has checked the run directory before process 0 writes to it
 
-    # Model, tokenizer and data. With several processes they take turns loading the model through the CPU, so the
-    # host never holds more than one copy; with --fsdp each keeps only its shard of the decoder layers.
-    mesh = fsdp_mesh(device, world) if fsdp else None
-    for turn in range(world):
-        if turn == rank:
-            model = load_model(source, dtype=torch.bfloat16 if tc.bf16 else torch.float32, device="cpu" if fsdp else device)
-            if fsdp:
-                shard_frozen_layers(model, family, mesh, device)
-        accelerator.wait_for_everyone()
-    tokenizer = load_tokenizer(source)
+    model = load_frozen_model(plan.source, family, tc, accelerator, fsdp)
+    tokenizer = load_tokenizer(plan.source)
     documents = load_documents(tc.data)
     blocks = pack_blocks(documents, tokenizer, tc.seq_len, max_blocks=tc.steps * global_batch + tc.eval_blocks, seed=tc.seed)
     held_out = min(tc.eval_blocks, max(len(blocks) - 1, 1))
     train_blocks, eval_blocks = (blocks[:-held_out], blocks[-held_out:]) if len(blocks) > 1 else (blocks, blocks)
-    sampler = BlockSampler(train_blocks, global_batch, tc.seed)
 
     torch.manual_seed(tc.seed)
-    routing = method.attach(model, tomoe_config, method_config)
+    routing = method.attach(model, plan.tomoe, method_config)
     checkpoint = load_checkpoint(run_dir) if existing is not None else None  # the run directory is shared by all processes
     if checkpoint is None and method.initialize is not None:
         # From the dense model's activations on calibration blocks of the same data, packed on their own so that they
@@ -213,7 +293,7 @@ def convert(
     optimizer = torch.optim.AdamW(routing.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
 
     start = 0
-    info = existing or RunInfo(tomoe=tomoe_config, train=tc, family=family.name, world_size=world, method=method.name,
+    info = existing or RunInfo(tomoe=plan.tomoe, train=tc, family=family.name, world_size=world, method=method.name,
                                method_config=method_config)
     info.train = tc
     if checkpoint is not None:
@@ -223,97 +303,114 @@ def convert(
     if world > 1:
         for tensor in routing.state_dict().values():
             torch.distributed.broadcast(tensor, src=0)
-    if main:
+    if accelerator.is_main_process:
         if checkpoint is not None:
             truncate_log(run_dir, start)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_run(run_dir, info)
-    last_saved = start
-
-    bar = tqdm(total=tc.steps, initial=start, desc="tomoe convert", disable=not (progress and main), dynamic_ncols=True)
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=tc.bf16)
     params = [p for p in routing.parameters() if p.requires_grad]
-    names = loss_terms(method)
-    # kd_weight belongs to ToMoE's objective (Eq. 10); split-moe keeps its own KD + R_L balance.
-    kd_weight = tomoe_config.kd_weight if method.tomoe_masks else 1.0
-    began = time.time()
-    for step in range(start, tc.steps):
-        batch = sampler.batch(step)  # the global batch, the same on every process
-        if isinstance(routing, ToMoERouting):
-            routing.budget_target = budget_target(tomoe_config.target_active, step / tc.steps, tomoe_config.budget_warmup)
-        sums = torch.zeros(len(names), device=device)
-        for micro in range(tc.grad_accum):
-            index = rank * tc.grad_accum + micro  # this micro-batch's place in the global batch
-            input_ids = batch[index * tc.batch_size : (index + 1) * tc.batch_size].to(device)
-            torch.manual_seed(noise_seed(tc.seed, step, index))
-            with autocast:
-                terms = training_step(model, routing, input_ids, torch.ones_like(input_ids), tc.kd_chunk_tokens, method.objective,
-                                      kd_weight)
-            (terms["loss"] / tc.grad_accum).backward()
-            sums += torch.stack([terms[name].detach().float() for name in names])
+    return Training(run_dir, info, method, accelerator, model, routing, optimizer, params,
+                    BlockSampler(train_blocks, global_batch, tc.seed), eval_blocks, start, last_saved=start)
 
-        # Average the losses and the routing gradients over all micro-batches of all processes.
-        means = sums / (tc.grad_accum * world)
-        for p in params:
-            if p.grad is None:  # unused this step; the same on every process
-                p.grad = torch.zeros_like(p)
-        if world > 1:
-            torch.distributed.all_reduce(means)
-            for p in params:
-                torch.distributed.all_reduce(p.grad)
-                p.grad.div_(world)
-        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
-        values = dict(zip(names, means.tolist()))
-        if not (math.isfinite(values["loss"]) and math.isfinite(grad_norm.item())):  # the same verdict on every process
-            what = f"the loss became {values['loss']}" if not math.isfinite(values["loss"]) else f"the routing gradients became {grad_norm.item()}"
-            bad = last_saved if last_saved == step and step > 0 else None  # a checkpoint of the very weights that gave it
-            if bad is not None and main:
-                last_saved = discard_checkpoint(run_dir, bad)
-            raise ToMoEError(non_finite_message(what, values, step + 1, last_saved, bad, run_dir, tc))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
-        done = step + 1
-        values = {name: round(value, 6) for name, value in values.items()}
-        bar.update(1)
-        bar.set_postfix({POSTFIX.get(name, name): f"{values[name]:.4f}" for name in names[1:]})
-        if main and (done % tc.log_every == 0 or done == tc.steps):
-            record = {"step": done, **values, "grad_norm": round(grad_norm.item(), 6), "lr": tc.lr,
-                      "tokens": done * global_batch * tc.seq_len, "elapsed_s": round(time.time() - began, 2)}
-            if isinstance(routing, ToMoERouting):
-                record["budget_target"] = round(routing.budget_target, 6)
-            append_log(run_dir, record)
-        if done % tc.save_every == 0 or done == tc.steps:
-            if not all(bool(torch.isfinite(p).all()) for p in params):  # the same on every process
-                raise ToMoEError(non_finite_message("the routing weights became non-finite", values, done, last_saved, None, run_dir, tc))
-            if main:
-                try:
-                    save_checkpoint(run_dir, done, routing.state_dict(), optimizer.state_dict())
-                except OSError as error:
-                    raise ToMoEError(
-                        f"could not write the checkpoint of step {done} to {run_dir / 'checkpoints'} ({error}). Nothing "
-                        f"partial was left behind: the last complete checkpoint (step {last_saved}) is kept, and "
-                        f"`tomoe convert --resume --out {run_dir}` continues from it once the problem is fixed."
-                    ) from None
-            last_saved = done
-    bar.close()
-    model.eval()  # undo enable_gradient_checkpointing's training flags: the measurement below runs plain forwards
+def load_frozen_model(source: ModelSource, family: FamilyAdapter, tc: TrainConfig, accelerator: Accelerator, fsdp: bool):
+    """The dense model on this process's device. With several processes they take turns loading it through the CPU,
+    so the host never holds more than one copy; with FSDP each keeps only its shard of the decoder layers."""
+    device, world = accelerator.device, accelerator.num_processes
+    mesh = fsdp_mesh(device, world) if fsdp else None
+    for turn in range(world):
+        if turn == accelerator.process_index:
+            model = load_model(source, dtype=torch.bfloat16 if tc.bf16 else torch.float32, device="cpu" if fsdp else device)
+            if fsdp:
+                shard_frozen_layers(model, family, mesh, device)
+        accelerator.wait_for_everyone()
+    return model
 
-    if main and tc.steps == 0:  # a training-free run: its initialisation is its only checkpoint
-        save_checkpoint(run_dir, 0, routing.state_dict(), None)
+
+def accumulate_gradients(run: Training, step: int) -> tuple[dict[str, float], float]:
+    """Forward and backward of this process's micro-batches of ``step``, then the loss terms and the routing
+    gradients averaged over every micro-batch of every process. Returns (mean loss terms, gradient norm)."""
+    tc, names = run.train, run.names
+    batch = run.sampler.batch(step)  # the global batch, the same on every process
+    autocast = torch.autocast(device_type=run.device.type, dtype=torch.bfloat16, enabled=tc.bf16)
+    sums = torch.zeros(len(names), device=run.device)
+    for micro in range(tc.grad_accum):
+        index = run.rank * tc.grad_accum + micro  # this micro-batch's place in the global batch
+        input_ids = batch[index * tc.batch_size : (index + 1) * tc.batch_size].to(run.device)
+        torch.manual_seed(noise_seed(tc.seed, step, index))
+        with autocast:
+            terms = training_step(run.model, run.routing, input_ids, torch.ones_like(input_ids), tc.kd_chunk_tokens,
+                                  run.method.objective, run.kd_weight)
+        (terms["loss"] / tc.grad_accum).backward()
+        sums += torch.stack([terms[name].detach().float() for name in names])
+
+    means = sums / (tc.grad_accum * run.world)
+    for p in run.params:
+        if p.grad is None:  # unused this step; the same on every process
+            p.grad = torch.zeros_like(p)
+    if run.world > 1:
+        torch.distributed.all_reduce(means)
+        for p in run.params:
+            torch.distributed.all_reduce(p.grad)
+            p.grad.div_(run.world)
+    grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in run.params]))
+    return dict(zip(names, means.tolist())), grad_norm.item()
+
+
+def stop_non_finite(run: Training, step: int, values: dict[str, float], grad_norm: float) -> NoReturn:
+    """Stop on a non-finite loss or gradient at ``step``, removing a checkpoint of the very weights that gave it."""
+    what = f"the loss became {values['loss']}" if not math.isfinite(values["loss"]) else f"the routing gradients became {grad_norm}"
+    bad = run.last_saved if run.last_saved == step and step > 0 else None
+    if bad is not None and run.main:
+        run.last_saved = discard_checkpoint(run.run_dir, bad)
+    raise ToMoEError(non_finite_message(what, values, step + 1, run.last_saved, bad, run.run_dir, run.train))
+
+
+def log_step(run: Training, done: int, values: dict[str, float], grad_norm: float, elapsed: float) -> None:
+    """Append the line of step ``done`` to the run's log.jsonl."""
+    tc = run.train
+    record = {"step": done, **values, "grad_norm": round(grad_norm, 6), "lr": tc.lr,
+              "tokens": done * run.global_batch * tc.seq_len, "elapsed_s": round(elapsed, 2)}
+    if isinstance(run.routing, ToMoERouting):
+        record["budget_target"] = round(run.routing.budget_target, 6)
+    append_log(run.run_dir, record)
+
+
+def save_step(run: Training, done: int, values: dict[str, float]) -> None:
+    """Checkpoint the routing and optimizer after step ``done`` (process 0 writes; every process checks)."""
+    if not all(bool(torch.isfinite(p).all()) for p in run.params):  # the same on every process
+        raise ToMoEError(non_finite_message("the routing weights became non-finite", values, done, run.last_saved, None, run.run_dir, run.train))
+    if run.main:
+        try:
+            save_checkpoint(run.run_dir, done, run.routing.state_dict(), run.optimizer.state_dict())
+        except OSError as error:
+            raise ToMoEError(
+                f"could not write the checkpoint of step {done} to {run.run_dir / 'checkpoints'} ({error}). Nothing "
+                f"partial was left behind: the last complete checkpoint (step {run.last_saved}) is kept, and "
+                f"`tomoe convert --resume --out {run.run_dir}` continues from it once the problem is fixed."
+            ) from None
+    run.last_saved = done
+
+
+def finish(run: Training, began: float) -> RunInfo:
+    """Measure the trained routing on the held-out blocks and mark the run finished."""
+    run.model.eval()  # undo enable_gradient_checkpointing's training flags: the measurement runs plain forwards
+    if run.main and run.train.steps == 0:  # a training-free run: its initialisation is its only checkpoint
+        save_checkpoint(run.run_dir, 0, run.routing.state_dict(), None)
     # On every process: with FSDP all of them take part.
-    summary = (method.summarize or _summarize_tomoe)(model, routing, eval_blocks)
+    summary = (run.method.summarize or _summarize_tomoe)(run.model, run.routing, run.eval_blocks)
+    info = run.info
     info.status = "finished"
     info.result = {
-        "final_kd": _last_logged(run_dir, "kd") if main else None,
-        "target_active": tomoe_config.target_active,
+        "final_kd": _last_logged(run.run_dir, "kd") if run.main else None,
+        "target_active": info.tomoe.target_active,
         "train_seconds": round(time.time() - began, 1),
-        "global_batch": global_batch,
+        "global_batch": run.global_batch,
         **summary,
     }
-    if main:
-        write_run(run_dir, info)
-    accelerator.wait_for_everyone()
+    if run.main:
+        write_run(run.run_dir, info)
+    run.accelerator.wait_for_everyone()
     return info
 
 
@@ -385,7 +482,5 @@ def shard_frozen_layers(model, family, mesh, device: torch.device) -> None:
 
 
 def _last_logged(run_dir: Path, key: str):
-    from tomoe.run import read_log
-
     records = read_log(run_dir)
     return records[-1].get(key) if records else None
