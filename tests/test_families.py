@@ -205,6 +205,9 @@ def test_train_export_and_exported_logits_equal_patched(family_run, sample_ids):
         torch.testing.assert_close(exported(sample_ids).logits, patched(sample_ids).logits, atol=1e-4, rtol=0)
     info = model_info(root / "moe")
     assert 0 < info["decoder_active_ratio"] < 1 and info["num_experts"] == 4
+    # The dense count is the base model's, whatever the family adds (biases, q/k norms) or fuses (Phi-3 qkv_proj).
+    dense = AutoModelForCausalLM.from_pretrained(root / "model")
+    assert info["dense_total_params"] == sum(p.numel() for p in dense.parameters())
 
 
 def test_cached_generation_equals_uncached(family_run):
@@ -242,6 +245,7 @@ def test_qwen3_moe_export_is_stock_qwen3_moe_and_matches(qwen3_dense_attention, 
     widths = ours.config.mlp_widths
     assert min(widths) < 128 and config.moe_intermediate_size == -(-max(widths) // 8) * 8
     info = model_info(root / "qwen3moe")
+    assert info["dense_total_params"] == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(root / "model").parameters())
     assert info["format"] == "qwen3_moe" and info["padding_params"] == 3 * 64 * 4 * sum(config.moe_intermediate_size - w for w in widths)
     assert json.loads((root / "qwen3moe" / "tomoe_export.json").read_text())["format"] == "qwen3_moe"
 
