@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -46,11 +47,29 @@ def tiny_llama():
     return make_tiny_model(tiny_llama_config())
 
 
+def running_in_ci() -> bool:
+    """True where the environment variable CI is set (CI runs ``CI=true bash .ci/run``), unless it says 0 or false."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def require_shared_data(folder: Path | None = None) -> Path:
+    """The shared data folder (``../shared/data`` next to the repository).
+
+    Where it is missing, a test that needs it fails in CI, where it must be present, and skips with the reason
+    elsewhere. Every test that reads the shared data gets it through this function (the ``shared_data`` fixture).
+    """
+    folder = SHARED_DATA if folder is None else folder
+    if folder.is_dir():
+        return folder
+    message = f"shared data folder {folder} is not present (the tests that read WikiText-2, the zero-shot tasks or the source datasets need it)"
+    if running_in_ci():
+        pytest.fail(f"{message}; CI must provide it", pytrace=False)
+    pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data folder {SHARED_DATA} is not present")
-    return SHARED_DATA
+    return require_shared_data()
 
 
 @pytest.fixture(scope="session")

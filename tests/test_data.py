@@ -81,6 +81,23 @@ def test_embedded_set_holds_no_wikitext2_test_text(embedded, shared_data):
     assert len(embedded_paragraphs & {line.strip() for line in valid_lines}) > 100
 
 
+@pytest.mark.parametrize("ci, outcome", [("true", pytest.fail.Exception), ("1", pytest.fail.Exception), (None, pytest.skip.Exception), ("false", pytest.skip.Exception)])
+def test_missing_shared_data_fails_in_ci_and_skips_with_a_reason_elsewhere(tmp_path, monkeypatch, ci, outcome):
+    from conftest import require_shared_data
+
+    missing = tmp_path / "no-shared" / "data"
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    with pytest.raises(outcome, match="shared data folder .*no-shared/data is not present") as raised:
+        require_shared_data(missing)
+    assert raised.type is outcome  # pytest's Failed and Skipped are not subclasses of each other
+    assert ("CI must provide it" in str(raised.value)) == (outcome is pytest.fail.Exception)
+    missing.mkdir(parents=True)
+    assert require_shared_data(missing) == missing
+
+
 def test_builder_reproduces_the_embedded_file(shared_data):
     spec = importlib.util.spec_from_file_location("build_calibration", REPO / "scripts" / "build_calibration.py")
     builder = importlib.util.module_from_spec(spec)
