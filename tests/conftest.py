@@ -42,6 +42,23 @@ def make_tiny_model(config, seed: int = 0):
     return model.eval()
 
 
+def exported_decoder_ratio(model) -> float:
+    """The active ratio of an exported tomoe model's decoder blocks, counted from its modules: per layer, the weights of
+    the widest expert's gate/up/down slices, of q and k as sliced, of v whole (every later query reads its rows) and of
+    the V/O top-K columns of each head of o; over the dense layer's linear weights (from the config's sizes)."""
+    config = model.config
+    hidden, heads, kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    active = dense = 0
+    for index, layer in enumerate(model.model.layers):
+        attention, experts = layer.self_attn, layer.mlp.experts
+        active += 3 * hidden * max(experts.widths)
+        active += sum(getattr(attention, name).weight.numel() for name in ("q_proj", "k_proj", "v_proj"))
+        active += attention.o_proj.weight.view(hidden, heads, head_dim)[:, :, : config.vo_topk[index]].numel()
+        dense += 3 * hidden * config.intermediate_size + 2 * hidden * head_dim * (heads + kv_heads)
+    return active / dense
+
+
 @pytest.fixture
 def tiny_llama():
     return make_tiny_model(tiny_llama_config())

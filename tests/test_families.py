@@ -17,6 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen3MoeForCausalLM
 
 import tomoe  # noqa: F401  (registers the tomoe model type)
+from conftest import exported_decoder_ratio
 from tomoe.config import ToMoEConfig
 from tomoe.errors import ToMoEError
 from tomoe.export import export_run
@@ -203,8 +204,12 @@ def test_train_export_and_exported_logits_equal_patched(family_run, sample_ids):
         assert exported.config._attn_implementation == patched.config._attn_implementation == "eager"
     with torch.no_grad():
         torch.testing.assert_close(exported(sample_ids).logits, patched(sample_ids).logits, atol=1e-4, rtol=0)
+    # The measured ratio, and tomoe info's count over routed sample tokens (every expert of a layer has the widest
+    # expert's width), are the exported model's ratio counted from its weights.
+    counted = exported_decoder_ratio(exported)
+    assert result["active_ratio"] == pytest.approx(counted, rel=1e-6)
     info = model_info(root / "moe")
-    assert 0 < info["decoder_active_ratio"] < 1 and info["num_experts"] == 4
+    assert info["decoder_active_ratio"] == pytest.approx(counted, rel=1e-9) and info["num_experts"] == 4
 
 
 def test_cached_generation_equals_uncached(family_run):
