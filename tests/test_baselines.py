@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
+from conftest import exported_decoder_ratio
 from tomoe.baselines import magnitude, run_baseline, run_split_moe, run_static_learned, run_static_magnitude, run_teal, split_moe, teal
 from tomoe.cli import main
 from tomoe.config import ToMoEConfig
@@ -155,6 +156,7 @@ def test_static_magnitude_run_is_training_free_exports_and_evaluates(tmp_path, t
     ids = torch.randint(3, 49152, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(exported(ids).logits, patched(ids).logits, atol=1e-4, rtol=0)
+    assert info.result["active_ratio"] == pytest.approx(exported_decoder_ratio(exported), rel=1e-6)  # its weights, counted
     # tomoe eval's perplexity of the run is the exported model's, recomputed by hand; the dense model's is its own.
     ppl, dense_ppl = _ppl(tmp_path / "run", tiny_text_file), _ppl(tiny_model_dir, tiny_text_file)
     assert ppl == pytest.approx(_hand_ppl(exported, AutoTokenizer.from_pretrained(tiny_model_dir), tiny_text_file), rel=1e-4)
@@ -377,6 +379,11 @@ def test_teal_run_is_training_free_and_evaluates(tmp_path, tiny_model_dir, tiny_
     assert read_log(tmp_path / "run") == [] and latest_checkpoint_dir(tmp_path / "run").name == "step-000000"
     # Held-out blocks: each token reads about the target share of the weights (calibrated on other blocks).
     assert abs(info.result["active_ratio"] - 0.6) < 0.05 and set(info.result["site_keep"]) == set(teal.SITES)
+    # The ratio is the per-site shares of kept inputs weighted by the weights each site's input multiplies.
+    site_weights = {"qkv": 64 * (64 + 32 + 32), "o": 64 * 64, "gate_up": 2 * 64 * 128, "down": 128 * 64}
+    per_layer = [sum(info.result["site_keep"][site][layer] * w for site, w in site_weights.items()) / sum(site_weights.values())
+                 for layer in (0, 1)]
+    assert info.result["active_ratio"] == pytest.approx(sum(per_layer) / 2, rel=1e-9)
 
     patched, _ = load_run_for_inference(tmp_path / "run")
     saved = load_file(str(latest_checkpoint_dir(tmp_path / "run") / "routing.safetensors"))
