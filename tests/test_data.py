@@ -45,7 +45,7 @@ def test_embedded_set_loads_with_three_equal_sources(embedded):
     assert load_documents("embedded") == embedded
     assert tuple(embedded) == EMBEDDED_SOURCES
     sizes = {name: sum(map(len, texts)) for name, texts in embedded.items()}
-    # 1:1:1 by characters, within 1 % (the builder fills each source up to the Alpaca total, ~526k characters).
+    # 1:1:1 by characters, within 1 % (the builder fills each source up to the Alpaca total).
     assert max(sizes.values()) <= 1.01 * min(sizes.values()), sizes
     assert min(sizes.values()) > 400_000, sizes
     assert EMBEDDED_PATH.stat().st_size < 2_000_000
