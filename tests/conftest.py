@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -41,16 +42,51 @@ def make_tiny_model(config, seed: int = 0):
     return model.eval()
 
 
+def exported_decoder_ratio(model) -> float:
+    """The active ratio of an exported tomoe model's decoder blocks, counted from its modules: per layer, the weights of
+    the widest expert's gate/up/down slices, of q and k as sliced, of v whole (every later query reads its rows) and of
+    the V/O top-K columns of each head of o; over the dense layer's linear weights (from the config's sizes)."""
+    config = model.config
+    hidden, heads, kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    active = dense = 0
+    for index, layer in enumerate(model.model.layers):
+        attention, experts = layer.self_attn, layer.mlp.experts
+        active += 3 * hidden * max(experts.widths)
+        active += sum(getattr(attention, name).weight.numel() for name in ("q_proj", "k_proj", "v_proj"))
+        active += attention.o_proj.weight.view(hidden, heads, head_dim)[:, :, : config.vo_topk[index]].numel()
+        dense += 3 * hidden * config.intermediate_size + 2 * hidden * head_dim * (heads + kv_heads)
+    return active / dense
+
+
 @pytest.fixture
 def tiny_llama():
     return make_tiny_model(tiny_llama_config())
 
 
+def running_in_ci() -> bool:
+    """True where the environment variable CI is set (CI runs ``CI=true bash .ci/run``), unless it says 0 or false."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def require_shared_data(folder: Path | None = None) -> Path:
+    """The shared data folder (``../shared/data`` next to the repository).
+
+    Where it is missing, a test that needs it fails in CI, where it must be present, and skips with the reason
+    elsewhere. Every test that reads the shared data gets it through this function (the ``shared_data`` fixture).
+    """
+    folder = SHARED_DATA if folder is None else folder
+    if folder.is_dir():
+        return folder
+    message = f"shared data folder {folder} is not present (the tests that read WikiText-2, the zero-shot tasks or the source datasets need it)"
+    if running_in_ci():
+        pytest.fail(f"{message}; CI must provide it", pytrace=False)
+    pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data folder {SHARED_DATA} is not present")
-    return SHARED_DATA
+    return require_shared_data()
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
+from conftest import exported_decoder_ratio
 from tomoe.baselines import magnitude, run_baseline, run_split_moe, run_static_learned, run_static_magnitude, run_teal, split_moe, teal
 from tomoe.cli import main
 from tomoe.config import ToMoEConfig
@@ -48,6 +51,26 @@ def _ppl(run_or_model, text_file) -> float:
     model, tokenizer = load_model_for_eval(str(run_or_model))
     rows = text_file.read_text().splitlines(keepends=True)
     return evaluate_perplexity(model, tokenizer, rows, seq_len=32, progress=False).ppl
+
+
+def _hand_ppl(model, tokenizer, text_file, seq_len: int = 32) -> float:
+    """exp(mean cross-entropy) of ``model`` over the non-overlapping ``seq_len``-token windows of the text (rows joined
+    by blank lines), computed here in float64, a few windows at a time so the 49k-entry logits stay small."""
+    ids = tokenizer("\n\n".join(text_file.read_text().splitlines(keepends=True)))["input_ids"]
+    windows = torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)
+    total = 0.0
+    with torch.no_grad():
+        for batch in windows.split(8):
+            logits = model(input_ids=batch).logits
+            total += F.cross_entropy(logits[:, :-1].flatten(0, 1).double(), batch[:, 1:].flatten(), reduction="sum").item()
+    return math.exp(total / (len(windows) * (seq_len - 1)))
+
+
+def _dense_ppl(model_dir, text_file) -> float:
+    from transformers import AutoModelForCausalLM
+
+    dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return _hand_ppl(dense, AutoTokenizer.from_pretrained(model_dir), text_file)
 
 
 # --- static-magnitude ---------------------------------------------------------------------------------------
@@ -133,13 +156,18 @@ def test_static_magnitude_run_is_training_free_exports_and_evaluates(tmp_path, t
     ids = torch.randint(3, 49152, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(exported(ids).logits, patched(ids).logits, atol=1e-4, rtol=0)
-    ppl = _ppl(tmp_path / "run", tiny_text_file)
-    assert math.isfinite(ppl) and ppl != pytest.approx(_ppl(tiny_model_dir, tiny_text_file))
+    assert info.result["active_ratio"] == pytest.approx(exported_decoder_ratio(exported), rel=1e-6)  # its weights, counted
+    # tomoe eval's perplexity of the run is the exported model's, recomputed by hand; the dense model's is its own.
+    ppl, dense_ppl = _ppl(tmp_path / "run", tiny_text_file), _ppl(tiny_model_dir, tiny_text_file)
+    assert ppl == pytest.approx(_hand_ppl(exported, AutoTokenizer.from_pretrained(tiny_model_dir), tiny_text_file), rel=1e-4)
+    assert dense_ppl == pytest.approx(_dense_ppl(tiny_model_dir, tiny_text_file), rel=1e-5)
+    assert ppl != pytest.approx(dense_ppl)
 
     # The same masks are the start of a trained run: a few steps of the normal loop continue from them.
     trained = run_static_magnitude(tmp_path / "kd", 0.6, _train_config(tiny_model_dir, tiny_text_file, steps=3, lr=1e-2),
                                    calibration_blocks=4, progress=False)
-    assert [r["step"] for r in read_log(tmp_path / "kd")] == [1, 2, 3] and trained.result["final_kd"] > 0
+    kd_log = read_log(tmp_path / "kd")
+    assert [r["step"] for r in kd_log] == [1, 2, 3] and trained.result["final_kd"] == kd_log[-1]["kd"] > 0  # the masks prune
     start = load_file(str(latest_checkpoint_dir(tmp_path / "run") / "routing.safetensors"))
     end = load_file(str(latest_checkpoint_dir(tmp_path / "kd") / "routing.safetensors"))
     assert not torch.equal(start["mlp.0.mask_proj.2.weight"], end["mlp.0.mask_proj.2.weight"])
@@ -148,7 +176,14 @@ def test_static_magnitude_run_is_training_free_exports_and_evaluates(tmp_path, t
 def test_static_learned_is_tomoe_with_one_expert(tmp_path, tiny_model_dir, tiny_text_file):
     info = run_static_learned(tmp_path / "run", 0.6, _train_config(tiny_model_dir, tiny_text_file, steps=2), progress=False)
     assert info.method == "static-learned" and info.tomoe.num_experts == 1 and len(info.result["expert_widths"][0]) == 1
-    assert math.isfinite(_ppl(tmp_path / "run", tiny_text_file))
+    # One expert: the run exports as ToMoE does, and its perplexity is the exported model's, recomputed by hand.
+    from transformers import AutoModelForCausalLM
+
+    export_run(tmp_path / "run", tmp_path / "moe")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", dtype=torch.float32).eval()
+    assert exported.config.num_experts == 1
+    ppl = _ppl(tmp_path / "run", tiny_text_file)
+    assert ppl == pytest.approx(_hand_ppl(exported, AutoTokenizer.from_pretrained(tiny_model_dir), tiny_text_file), rel=1e-4)
 
 
 # --- split-moe ----------------------------------------------------------------------------------------------
@@ -229,7 +264,10 @@ def test_split_moe_run_trains_the_router_and_evaluates(tmp_path, tiny_model_dir,
 
     patched, _ = load_run_for_inference(tmp_path / "run")
     assert torch.equal(patched.tomoe_routing.partition.cpu(), after["partition"])
-    assert math.isfinite(_ppl(tmp_path / "run", tiny_text_file))
+    # tomoe eval's perplexity of the run is the routed model's, recomputed by hand, and not the dense model's.
+    ppl = _ppl(tmp_path / "run", tiny_text_file)
+    assert ppl == pytest.approx(_hand_ppl(patched, AutoTokenizer.from_pretrained(tiny_model_dir), tiny_text_file), rel=1e-5)
+    assert ppl != pytest.approx(_dense_ppl(tiny_model_dir, tiny_text_file))
     with pytest.raises(ToMoEError, match="split-moe baseline run"):
         build_report(tmp_path / "run", tmp_path / "report.html")  # it draws ToMoE masks, which split-moe has not
     with pytest.raises(ToMoEError, match="split-moe baseline run"):
@@ -342,12 +380,19 @@ def test_teal_run_is_training_free_and_evaluates(tmp_path, tiny_model_dir, tiny_
     assert read_log(tmp_path / "run") == [] and latest_checkpoint_dir(tmp_path / "run").name == "step-000000"
     # Held-out blocks: each token reads about the target share of the weights (calibrated on other blocks).
     assert abs(info.result["active_ratio"] - 0.6) < 0.05 and set(info.result["site_keep"]) == set(teal.SITES)
+    # The ratio is the per-site shares of kept inputs weighted by the weights each site's input multiplies.
+    site_weights = {"qkv": 64 * (64 + 32 + 32), "o": 64 * 64, "gate_up": 2 * 64 * 128, "down": 128 * 64}
+    per_layer = [sum(info.result["site_keep"][site][layer] * w for site, w in site_weights.items()) / sum(site_weights.values())
+                 for layer in (0, 1)]
+    assert info.result["active_ratio"] == pytest.approx(sum(per_layer) / 2, rel=1e-9)
 
     patched, _ = load_run_for_inference(tmp_path / "run")
     saved = load_file(str(latest_checkpoint_dir(tmp_path / "run") / "routing.safetensors"))
     assert torch.equal(patched.tomoe_routing.thresholds.cpu(), saved["thresholds"]) and saved["thresholds"].min() > 0
+    # tomoe eval's perplexity of the run is the thresholded model's, recomputed by hand, and not the dense model's.
     ppl = _ppl(tmp_path / "run", tiny_text_file)
-    assert math.isfinite(ppl) and ppl != pytest.approx(_ppl(tiny_model_dir, tiny_text_file))
+    assert ppl == pytest.approx(_hand_ppl(patched, AutoTokenizer.from_pretrained(tiny_model_dir), tiny_text_file), rel=1e-5)
+    assert ppl != pytest.approx(_dense_ppl(tiny_model_dir, tiny_text_file))
     with pytest.raises(ToMoEError, match="teal baseline run: it has per-token magnitude thresholds"):
         export_run(tmp_path / "run", tmp_path / "moe")
     with pytest.raises(ToMoEError, match="teal is training-free"):

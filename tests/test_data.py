@@ -45,7 +45,7 @@ def test_embedded_set_loads_with_three_equal_sources(embedded):
     assert load_documents("embedded") == embedded
     assert tuple(embedded) == EMBEDDED_SOURCES
     sizes = {name: sum(map(len, texts)) for name, texts in embedded.items()}
-    # 1:1:1 by characters, within 1 % (the builder fills each source up to the Alpaca total, ~526k characters).
+    # 1:1:1 by characters, within 1 % (the builder fills each source up to the Alpaca total).
     assert max(sizes.values()) <= 1.01 * min(sizes.values()), sizes
     assert min(sizes.values()) > 400_000, sizes
     assert EMBEDDED_PATH.stat().st_size < 2_000_000
@@ -79,6 +79,23 @@ def test_embedded_set_holds_no_wikitext2_test_text(embedded, shared_data):
     assert not embedded_paragraphs & test_paragraphs
     # Control: the comparison does match text that was taken (from the validation split).
     assert len(embedded_paragraphs & {line.strip() for line in valid_lines}) > 100
+
+
+@pytest.mark.parametrize("ci, outcome", [("true", pytest.fail.Exception), ("1", pytest.fail.Exception), (None, pytest.skip.Exception), ("false", pytest.skip.Exception)])
+def test_missing_shared_data_fails_in_ci_and_skips_with_a_reason_elsewhere(tmp_path, monkeypatch, ci, outcome):
+    from conftest import require_shared_data
+
+    missing = tmp_path / "no-shared" / "data"
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    with pytest.raises(outcome, match="shared data folder .*no-shared/data is not present") as raised:
+        require_shared_data(missing)
+    assert raised.type is outcome  # pytest's Failed and Skipped are not subclasses of each other
+    assert ("CI must provide it" in str(raised.value)) == (outcome is pytest.fail.Exception)
+    missing.mkdir(parents=True)
+    assert require_shared_data(missing) == missing
 
 
 def test_builder_reproduces_the_embedded_file(shared_data):

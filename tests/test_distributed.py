@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import tomoe.train
 from tomoe.config import ToMoEConfig
 from tomoe.run import TrainConfig, latest_checkpoint_dir, read_log, read_run
 from tomoe.train import convert
@@ -114,10 +115,36 @@ def test_gradient_checkpointing_replays_the_noise_and_gives_the_same_run(tmp_pat
     assert all(torch.equal(plain[k], checkpointed[k]) for k in plain)
 
 
-def test_bf16_and_gradient_accumulation_run_on_cpu(tmp_path, tiny_model_dir, tiny_text_file):
-    info = convert(tmp_path / "bf16", ToMoEConfig(attention="dynamic"), _train_config(tiny_model_dir, tiny_text_file, steps=3, grad_accum=2, bf16=True), progress=False)
+def test_bf16_and_gradient_accumulation_run_on_cpu(tmp_path, tiny_model_dir, tiny_text_file, monkeypatch):
+    real_step, micro_kd = tomoe.train.training_step, []
+
+    def step_and_hand_kd(model, routing, input_ids, attention_mask, *args, **kwargs):
+        """The real step, then KL(teacher || student) per token by its formula, from the logits of the same forward
+        passes: the same bf16 weights under the same autocast, the student with the same Gumbel noise."""
+        rng = torch.get_rng_state()
+        terms = real_step(model, routing, input_ids, attention_mask, *args, **kwargs)
+        after = torch.get_rng_state()
+        torch.set_rng_state(rng)
+        with torch.no_grad():
+            with routing.disabled():
+                teacher = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
+            student = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
+        assert torch.equal(torch.get_rng_state(), after)  # the student forward drew exactly the step's noise
+        log_t, log_s = teacher.log_softmax(-1).double(), student.log_softmax(-1).double()
+        micro_kd.append(((log_t.exp() * (log_t - log_s)).sum(-1).mean().item(), terms["kd"].item()))
+        return terms
+
+    monkeypatch.setattr(tomoe.train, "training_step", step_and_hand_kd)
+    # Offset b = 1 (P(drop) = exp(-e) per channel) so that the student differs from its teacher from the first step.
+    info = convert(tmp_path / "bf16", ToMoEConfig(attention="dynamic", mask_offset=1.0), _train_config(tiny_model_dir, tiny_text_file, steps=3, grad_accum=2, bf16=True), progress=False)
     log = read_log(tmp_path / "bf16")
     assert info.train.bf16 is True and info.result["global_batch"] == 2
-    assert all(0 <= r["kd"] < 10 and r["grad_norm"] > 0 for r in log)  # KD is exactly 0 while no channel is dropped
+    assert len(micro_kd) == 6 and all(hand > 1e-5 for hand, _ in micro_kd)  # the student is not its teacher
+    for hand, kd in micro_kd:
+        assert kd == pytest.approx(hand, rel=1e-3)
+    # Each step logs the mean over its 2 accumulated micro-batches.
+    assert [r["step"] for r in log] == [1, 2, 3]
+    for record, pair in zip(log, zip(micro_kd[::2], micro_kd[1::2])):
+        assert record["kd"] == pytest.approx(sum(hand for hand, _ in pair) / 2, rel=1e-3) and record["grad_norm"] > 0
     assert read_run(tmp_path / "bf16").train.bf16 is True
     assert convert(tmp_path / "auto", ToMoEConfig(attention="dynamic"), _train_config(tiny_model_dir, tiny_text_file, steps=1), progress=False).train.bf16 is False

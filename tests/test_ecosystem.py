@@ -280,7 +280,7 @@ except tomoe.ToMoEError as error:
 
 
 @pytest.mark.parametrize("format", ["mixtral", "qwen3_moe"])
-def test_report_on_a_stock_export_recovers_the_experts(exports, models, format, tmp_path):
+def test_report_on_a_stock_export_recovers_the_experts(exports, models, format, tmp_path, smol_tokenizer):
     from tomoe.report import collect
     from tomoe.report.collect import jaccard_matrix, union_coverage
 
@@ -297,6 +297,14 @@ def test_report_on_a_stock_export_recovers_the_experts(exports, models, format, 
         assert (found.sum(axis=1) == true.sum(axis=1)).all()
         np.testing.assert_allclose(jaccard_matrix(found), jaccard_matrix(true))
         assert union_coverage(found) == pytest.approx(union_coverage(true))
-    assert len(data.routing.experts) == 2 and all(0 <= e < 4 for layer in data.routing.experts for e in layer)
+    # The stock export routes every token of the sample to the expert the ToMoE routing it came from chooses.
+    from tomoe.report.collect import DEFAULT_TEXT
+
+    dense = models[format][0]
+    tokens = len(data.routing.experts[0])
+    assert tokens > 20 and len(data.routing.experts) == 2
+    with torch.no_grad():
+        dense(torch.tensor([smol_tokenizer(DEFAULT_TEXT)["input_ids"][:tokens]]))
+    assert data.routing.experts == [one_hot[0].argmax(-1).tolist() for one_hot, _ in routing.state.routes]
     assert main(["report", str(exports / format), "--out", str(tmp_path / "r.html")]) == 0
     assert "Expert widths" in (tmp_path / "r.html").read_text()

@@ -89,15 +89,65 @@ def test_wikitext2_window_and_token_count(shared_data, smol_tokenizer):
 # --- zero-shot -------------------------------------------------------------------------------------------------
 
 
-def test_five_local_tasks_run_offline(shared_data, smol_tokenizer):
+def _hand_loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
+    """log P(continuation | context) summed over the continuation's tokens, as lm-eval's HFLM defines it: trailing
+    spaces of the context move to the continuation, and the continuation's tokens are those of the whole string
+    after the context's tokens (no special tokens)."""
+    spaces = len(context) - len(context.rstrip(" "))
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    start = len(tokenizer(context, add_special_tokens=False)["input_ids"])
+    with torch.no_grad():
+        logp = F.log_softmax(model(torch.tensor([whole])).logits[0].double(), dim=-1)
+    return sum(logp[i - 1, whole[i]].item() for i in range(start, len(whole)))
+
+
+def _gold(task: str, doc: dict) -> int:
+    """The index of the right choice, read from the task's raw fields."""
+    if task == "winogrande":
+        return int(doc["answer"]) - 1
+    if task.startswith("arc"):
+        return doc["choices"]["label"].index(doc["answerKey"])
+    return int(doc["label"])
+
+
+def test_five_local_tasks_run_offline(shared_data, smol_tokenizer, monkeypatch):
+    import lm_eval
+
+    real_evaluate, captured = lm_eval.simple_evaluate, {}
+
+    def logging_evaluate(*args, **kwargs):  # the same evaluation, keeping lm-eval's per-example results
+        captured.update(real_evaluate(*args, **{**kwargs, "log_samples": True}))
+        return captured
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", logging_evaluate)
     model = make_tiny_model(tiny_llama_config(vocab_size=49152))
     results = evaluate_zeroshot(model, smol_tokenizer, list(TASK_METRICS), data_dir=shared_data, limit=20, batch_size=8)
     assert set(results) == set(TASK_METRICS)
     for task, entry in results.items():
         assert entry["metric"] == TASK_METRICS[task]
         assert entry["samples"] == 20
-        assert 0.0 <= entry["value"] <= 1.0 and 0.0 <= entry["acc"] <= 1.0
         assert entry["value"] == entry[entry["metric"]]
+        samples = captured["samples"][task]
+        assert sorted(s["doc_id"] for s in samples) == list(range(20))
+        # Accuracy recomputed from the per-example log-likelihoods: the right choice scores highest (acc), or highest
+        # per character of the choice without its leading space (acc_norm; not reported for winogrande).
+        hits, norm_hits = [], []
+        for sample in samples:
+            lls = [ll for ll, _ in sample["filtered_resps"]]
+            continuations = [continuation for _, continuation in sample["arguments"]]
+            gold = _gold(task, sample["doc"])
+            hits.append(max(range(len(lls)), key=lambda i: lls[i]) == gold)
+            norm_hits.append(max(range(len(lls)), key=lambda i: lls[i] / (len(continuations[i]) - 1)) == gold)
+        assert entry["acc"] == pytest.approx(sum(hits) / 20, abs=1e-12)
+        assert ("acc_norm" in entry) == (task != "winogrande")
+        if task != "winogrande":
+            assert entry["acc_norm"] == pytest.approx(sum(norm_hits) / 20, abs=1e-12)
+        # The log-likelihoods are the model's, recomputed here for the first examples' choices.
+        for sample in samples[:3]:
+            for (context, continuation), (ll, _) in zip(sample["arguments"], sample["filtered_resps"]):
+                assert ll == pytest.approx(_hand_loglikelihood(model, smol_tokenizer, context, continuation), abs=1e-3)
 
 
 def test_local_task_prompts_mirror_the_stock_tasks(shared_data):
@@ -202,7 +252,13 @@ def test_cli_end_to_end_on_a_local_dense_folder(tmp_path, shared_data, smol_toke
     assert main(argv) == 0
     results = json.loads(out.read_text())
     ppl = results["perplexity"]["text.raw"]
-    assert ppl["seq_len"] == 64 and ppl["windows"] == ppl["tokens"] // 64 and ppl["ppl"] > 1
+    # The perplexity of the text's 64-token windows, recomputed here from the model's logits.
+    ids = tokenizer("\n\n".join(read_raw_rows(text)))["input_ids"]
+    windows = torch.tensor(ids[: len(ids) // 64 * 64]).view(-1, 64)
+    with torch.no_grad():
+        nll = F.cross_entropy(model(windows).logits[:, :-1].flatten(0, 1).double(), windows[:, 1:].flatten()).item()
+    assert ppl["seq_len"] == 64 and ppl["tokens"] == len(ids) and ppl["windows"] == len(windows) >= 2
+    assert ppl["ppl"] == pytest.approx(math.exp(nll), rel=1e-5)
     assert results["zeroshot"]["piqa"]["samples"] == 4
     assert results["zeroshot_average"] == results["zeroshot"]["piqa"]["value"]
     assert "| piqa (acc_norm) |" in capsys.readouterr().out

@@ -17,13 +17,14 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen3MoeForCausalLM
 
 import tomoe  # noqa: F401  (registers the tomoe model type)
+from conftest import exported_decoder_ratio
 from tomoe.config import ToMoEConfig
 from tomoe.errors import ToMoEError
 from tomoe.export import export_run
 from tomoe.families import get_family, supported_model_types
 from tomoe.info import model_info
 from tomoe.losses import kd_loss
-from tomoe.run import TrainConfig, load_run_for_inference, read_run
+from tomoe.run import TrainConfig, load_run_for_inference, read_log, read_run
 from tomoe.train import convert
 
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1)
@@ -194,7 +195,7 @@ def test_train_export_and_exported_logits_equal_patched(family_run, sample_ids):
     # some MLP channels and some query/key dims are pruned, V/O keeps a top-K below head_dim
     assert all(0 < w < 128 for w in result["mlp_widths"])
     assert all(2 <= d < head_dim for d in result["qk_dims"]) and all(0 < k < head_dim for k in result["vo_topk"])
-    assert result["final_kd"] is not None and result["tokens"] == 64
+    assert result["final_kd"] == read_log(root / "run")[-1]["kd"] and result["tokens"] == 64
     patched, _ = load_run_for_inference(root / "run")
     exported = AutoModelForCausalLM.from_pretrained(root / "moe")
     assert type(exported).__name__ == "TomoeForCausalLM" and exported.config.base_model_type == patched.config.model_type
@@ -203,8 +204,12 @@ def test_train_export_and_exported_logits_equal_patched(family_run, sample_ids):
         assert exported.config._attn_implementation == patched.config._attn_implementation == "eager"
     with torch.no_grad():
         torch.testing.assert_close(exported(sample_ids).logits, patched(sample_ids).logits, atol=1e-4, rtol=0)
+    # The measured ratio, and tomoe info's count over routed sample tokens (every expert of a layer has the widest
+    # expert's width), are the exported model's ratio counted from its weights.
+    counted = exported_decoder_ratio(exported)
+    assert result["active_ratio"] == pytest.approx(counted, rel=1e-6)
     info = model_info(root / "moe")
-    assert 0 < info["decoder_active_ratio"] < 1 and info["num_experts"] == 4
+    assert info["decoder_active_ratio"] == pytest.approx(counted, rel=1e-9) and info["num_experts"] == 4
     # The dense count is the base model's, whatever the family adds (biases, q/k norms) or fuses (Phi-3 qkv_proj).
     dense = AutoModelForCausalLM.from_pretrained(root / "model")
     assert info["dense_total_params"] == sum(p.numel() for p in dense.parameters())

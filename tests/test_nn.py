@@ -133,3 +133,19 @@ def test_auto_attention_keeps_small_heads_dense_when_the_mlps_can_meet_the_targe
     assert resolve_attention(ToMoEConfig(target_active=0.3), small).attention == "dynamic"  # the MLPs alone cannot reach it
     assert resolve_attention(ToMoEConfig(target_active=0.7), large).attention == "dynamic"
     assert resolve_attention(ToMoEConfig(target_active=0.7, attention="dynamic"), small).attention == "dynamic"
+
+
+def test_student_starts_as_its_teacher_at_offset_3(tiny_llama):
+    """Eq. 15 with b = 3 drops a channel with probability exp(-e^3) ~ 2e-9: the freshly attached routing, sampling
+    its noise as in training, keeps every MLP channel and every attention dim, so the student's logits are the
+    teacher's bit for bit (KD exactly 0 at the first step), whatever expert a token goes to."""
+    torch.manual_seed(0)
+    ids = torch.randint(3, 256, (2, 16))
+    with torch.no_grad():
+        dense = tiny_llama(ids).logits
+        routing = attach(tiny_llama, ToMoEConfig(attention="dynamic", num_experts=4)).train()
+        student = tiny_llama(ids).logits
+    state = routing.state
+    assert all(bool(m.eq(1).all()) for m in [*state.expert_masks, *state.qk_masks, *state.vo_masks])
+    assert len({e for one_hot, _ in state.routes for e in one_hot.argmax(-1).flatten().tolist()}) > 1  # routing is live
+    assert torch.equal(student, dense)
