@@ -9,7 +9,7 @@ above the magnitude masks (perplexity 199 against 120 on the quality benchmark's
 import pytest
 import torch
 
-from tomoe.baselines import run_static_magnitude
+from tomoe.baselines.runners import run_static_magnitude
 from tomoe.config import ToMoEConfig
 from tomoe.losses import kd_loss
 from tomoe.run import TrainConfig, load_routing, read_run

@@ -6,9 +6,12 @@ import json
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
+import tomoe.export  # noqa: F401  (registers the tomoe model type with the Auto classes)
 from tomoe.errors import ToMoEError
-from tomoe.report.collect import DEFAULT_TEXT as SAMPLE_TEXT  # one built-in sample for info and report
+from tomoe.loading import LOAD_ERRORS, ModelSource, check_weight_files, load_tokenizer, one_line
+from tomoe.sample_text import DEFAULT_TEXT as SAMPLE_TEXT  # one built-in sample for info and report
 
 STOCK_KINDS = ("mixtral", "qwen3_moe")  # stock transformers MoE layouts written by `tomoe export --format`
 EXPORT_METADATA = "tomoe_export.json"
@@ -18,14 +21,9 @@ ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")
 
 def load_exported(model_dir: str | Path):
     """(model, kind) of an exported folder: kind is 'tomoe' or a stock MoE layout ('mixtral', 'qwen3_moe')."""
-    import tomoe.export  # noqa: F401  (registers the tomoe model type)
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise ToMoEError(f"{model_dir} is not a model folder (no config.json); pass the --out folder of `tomoe export`.")
-    from tomoe.loading import LOAD_ERRORS, check_weight_files, one_line
-
     check_weight_files(model_dir)
     try:  # tomoe's own registered classes: the folder's copy of the modeling code is never imported
         model_type = AutoConfig.from_pretrained(model_dir).model_type
@@ -38,8 +36,6 @@ def load_exported(model_dir: str | Path):
 
 def read_export_metadata(model_dir: Path) -> dict:
     """The ``tomoe_export.json`` of an exported folder: the run it came from and the run's settings and results."""
-    from tomoe.loading import one_line
-
     path = Path(model_dir) / EXPORT_METADATA
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
@@ -97,8 +93,6 @@ def model_info(model_dir: str | Path, text: str | None = None) -> dict:
     for index, layer in enumerate(model.model.layers):
         router = layer.mlp.router if kind == "tomoe" else layer.mlp.gate
         handles.append(router.register_forward_hook(_capture_route(routed, index, kind)))
-    from tomoe.loading import ModelSource, load_tokenizer
-
     tokenizer = load_tokenizer(ModelSource(str(model_dir)))
     input_ids = tokenizer(text or SAMPLE_TEXT, return_tensors="pt").input_ids
     if input_ids.numel() == 0:

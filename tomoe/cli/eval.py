@@ -61,6 +61,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.compare:
         return compare(args)
+    # torch, transformers and the evaluation code: only when a model is evaluated
     import torch
 
     from tomoe.evaluate import evaluate_perplexity, evaluate_zeroshot, load_model_for_eval, zeroshot_average
