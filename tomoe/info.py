@@ -6,44 +6,15 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
-import tomoe.export  # noqa: F401  (registers the tomoe model type with the Auto classes)
+from tomoe.artifacts import identify, load_export
 from tomoe.errors import ToMoEError
-from tomoe.loading import LOAD_ERRORS, ModelSource, check_weight_files, load_tokenizer, one_line
+from tomoe.export.folder import EXPORT_METADATA
+from tomoe.loading import ModelSource, load_tokenizer
 from tomoe.sample_text import DEFAULT_TEXT as SAMPLE_TEXT  # one built-in sample for info and report
 
-STOCK_KINDS = ("mixtral", "qwen3_moe")  # stock transformers MoE layouts written by `tomoe export --format`
-EXPORT_METADATA = "tomoe_export.json"
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")
 
-
-
-def load_exported(model_dir: str | Path):
-    """(model, kind) of an exported folder: kind is 'tomoe' or a stock MoE layout ('mixtral', 'qwen3_moe')."""
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise ToMoEError(f"{model_dir} is not a model folder (no config.json); pass the --out folder of `tomoe export`.")
-    check_weight_files(model_dir)
-    try:  # tomoe's own registered classes: the folder's copy of the modeling code is never imported
-        model_type = AutoConfig.from_pretrained(model_dir).model_type
-        if model_type == "tomoe" or (model_type in STOCK_KINDS and (model_dir / EXPORT_METADATA).is_file()):
-            return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(), model_type
-    except LOAD_ERRORS as error:
-        raise ToMoEError(f"Could not load the exported model in {str(model_dir)!r}: {one_line(error)}") from None
-    raise ToMoEError(f"{model_dir} holds a {model_type!r} model, not one exported by `tomoe export`.")
-
-
-def read_export_metadata(model_dir: Path) -> dict:
-    """The ``tomoe_export.json`` of an exported folder: the run it came from and the run's settings and results."""
-    path = Path(model_dir) / EXPORT_METADATA
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise ToMoEError(f"{path} is missing or corrupt ({one_line(error)}); export the run again.") from None
-    if not isinstance(values, dict):
-        raise ToMoEError(f"{path} is corrupt (not a JSON object); export the run again.")
-    return values
 
 
 def dense_parameter_counts(model, kind: str, model_dir: Path) -> tuple[int, int]:
@@ -55,7 +26,7 @@ def dense_parameter_counts(model, kind: str, model_dir: Path) -> tuple[int, int]
     if kind == "tomoe":
         intermediate = config.intermediate_size
     else:
-        intermediate = read_export_metadata(model_dir).get("dense_intermediate_size")
+        intermediate = identify(model_dir).export_metadata().get("dense_intermediate_size")
         if not isinstance(intermediate, int):
             raise ToMoEError(f"{model_dir / EXPORT_METADATA} has no dense_intermediate_size; export the run again.")
     decoder = layers * (3 * hidden * intermediate + hidden * head_dim * 2 * (heads + kv_heads))
@@ -80,7 +51,7 @@ def _qk_dims(attention, heads: int, kv_heads: int, head_dim: int) -> int:
 
 @torch.no_grad()
 def model_info(model_dir: str | Path, text: str | None = None) -> dict:
-    model, kind = load_exported(model_dir)
+    model, kind = load_export(model_dir)
     config = model.config
     hidden = config.hidden_size
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads

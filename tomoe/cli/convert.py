@@ -104,13 +104,15 @@ def prepare_resume(args: argparse.Namespace, method: str, method_given: dict | N
     A flag counts when it is given, or set by a --preset that is given. ``method_given``: a baseline's options, the
     entries of its run's method config (besides ToMoEConfig's --experts / --attention).
     """
+    # torch and transformers: not for --help and argument errors
+    from tomoe.artifacts import RUN, identify
     from tomoe.loading import stored_model_spec
-    from tomoe.run import PRESETS, intact_checkpoint, is_run_dir, read_run, write_run
+    from tomoe.run import PRESETS, intact_checkpoint, write_run
 
-    out = Path(args.out)
-    if not (args.resume and is_run_dir(out)):
+    artifact = identify(args.out)
+    if not (args.resume and artifact.kind == RUN):
         return
-    info = read_run(out)
+    out, info = Path(args.out), artifact.run_info()
     stored = dataclasses.asdict(info.train)
     requested = {name: (f"--preset {args.preset}", value) for name, value in PRESETS[args.preset].items()} if args.preset else {}
     requested.update({name: (f"--{name.replace('_', '-')}", value) for name, value in given_train_settings(args).items()})

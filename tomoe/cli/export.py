@@ -51,10 +51,11 @@ def run(args: argparse.Namespace) -> int:
 def check_before_export(run_dir: str, out: str) -> None:
     """Before the dense model is loaded: --out can be written, the run is finished and its final checkpoint intact;
     then remove what an interrupted export to the same --out left behind."""
-    from tomoe.run import inference_checkpoint, read_run  # torch: only when a run is exported
+    from tomoe.artifacts import identify  # torch and transformers: only when a run is exported
+    from tomoe.run import inference_checkpoint
 
     out_dir = check_output_dir(out, "--out")
-    info = read_run(run_dir)
+    info = identify(run_dir).run_info()
     checkpoint = inference_checkpoint(run_dir, info)
     if info.status != "finished":
         raise ToMoEError(f"the run {run_dir} is unfinished (step {checkpoint.step} of {info.train.steps}); an export needs its final "

@@ -17,6 +17,8 @@ from tomoe.export.build import STOCK_FORMATS, check_exportable_run, check_layout
 from tomoe.export.compat import write_legacy_config_fields, write_portable_tokenizer_config
 from tomoe.loading import load_tokenizer, resolve_model_source
 
+EXPORT_METADATA = "tomoe_export.json"  # where the model came from: the run, its settings and results
+
 
 def check_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
@@ -43,7 +45,7 @@ def save_export(model, out_dir: str | Path, tokenizer=None) -> Path:
         stock = STOCK_FORMATS.get(metadata["format"])
         if stock is not None:
             write_legacy_config_fields(tmp, stock.legacy_aliases)
-        (tmp / "tomoe_export.json").write_text(json.dumps(metadata, indent=2) + "\n")
+        (tmp / EXPORT_METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
         if out_dir.exists():
             out_dir.rmdir()  # empty, checked above
         tmp.rename(out_dir)

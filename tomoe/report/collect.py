@@ -8,7 +8,6 @@ fills the same structure.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,13 +16,15 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
+from tomoe.artifacts import EXPORT, RUN, identify, load_export
 from tomoe.errors import ToMoEError
 from tomoe.export.build import STOCK_FORMATS
+from tomoe.export.folder import EXPORT_METADATA
 from tomoe.families import get_family
-from tomoe.info import dense_parameter_counts, load_exported, weight_file_bytes
+from tomoe.info import dense_parameter_counts, weight_file_bytes
 from tomoe.measure import summarize_routing
 from tomoe.methods import require_tomoe_masks
-from tomoe.run import is_run_dir, load_run_for_inference, read_log, read_run
+from tomoe.run import load_run_for_inference, read_log, read_run
 from tomoe.sample_text import read_sample_text
 
 MAX_SAMPLE_TOKENS = 512  # enough for a readable token view; keeps the forward pass cheap on a CPU
@@ -131,11 +132,11 @@ def tokenize_sample(tokenizer, text: str, max_tokens: int) -> tuple[torch.Tensor
 
 def collect(source: str | Path, text_file: str | Path | None = None) -> ReportData:
     """ReportData for a run directory or an exported model folder."""
-    path = Path(source)
-    if is_run_dir(path):
-        return collect_run(path, text_file)
-    if (path / "config.json").is_file() and (path / "tomoe_export.json").is_file():
-        return collect_exported(path, text_file)
+    artifact = identify(source)
+    if artifact.kind == RUN:
+        return collect_run(artifact.path, text_file)
+    if artifact.kind == EXPORT and (artifact.path / EXPORT_METADATA).is_file():
+        return collect_exported(artifact.path, text_file)
     raise ToMoEError(
         f"{source} is neither a tomoe run directory (with tomoe_run.json, from `tomoe convert`) nor a model folder "
         "written by `tomoe export` (any --format); pass one of those."
@@ -151,8 +152,8 @@ def collect_exported(model_dir: Path, text_file: str | Path | None = None) -> Re
     gate and up rows (the rows are copies of the dense model's), which is all that overlap and coverage need.
     """
     text, caption = read_sample_text(text_file)
-    model, kind = load_exported(model_dir)
-    config, exported = model.config, json.loads((model_dir / "tomoe_export.json").read_text())
+    model, kind = load_export(model_dir)
+    config, exported = model.config, identify(model_dir).export_metadata()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     input_ids, pieces, truncated = tokenize_sample(tokenizer, text, min(MAX_SAMPLE_TOKENS, config.max_position_embeddings))
     routed: dict[int, list[int]] = {}
