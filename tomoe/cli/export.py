@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-from pathlib import Path
 
 from tomoe.cli.checks import check_output_dir
 from tomoe.errors import ToMoEError
