@@ -148,7 +148,7 @@ def budget_train_config(budget_name: str, settings: dict | None = None):
 # ------------------------------------------------------------------------------------------------ models
 def build_run(method: str, target: float, train_config, run_dir: Path, progress: bool, cpu: bool):
     """Train (or finish, or just read) the run directory of ``method`` at ``target``; returns its RunInfo."""
-    from tomoe.baselines import run_split_moe, run_static_learned, run_static_magnitude, run_teal
+    from tomoe.baselines.runners import run_split_moe, run_static_learned, run_static_magnitude, run_teal
     from tomoe.config import ToMoEConfig
     from tomoe.train import convert
 

@@ -6,7 +6,6 @@ names the problem, no traceback, and no new or half-written files.
 
 from __future__ import annotations
 
-import json
 import pickle
 import shutil
 from pathlib import Path

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from conftest import exported_decoder_ratio
-from tomoe.baselines import magnitude, run_baseline, run_split_moe, run_static_learned, run_static_magnitude, run_teal, split_moe, teal
+from tomoe.baselines import magnitude, split_moe, teal
+from tomoe.baselines.runners import run_baseline, run_split_moe, run_static_learned, run_static_magnitude, run_teal
 from tomoe.cli import main
 from tomoe.config import ToMoEConfig
 from tomoe.errors import ToMoEError

@@ -7,10 +7,9 @@ above the magnitude masks on the quality benchmark's quick budget (the measureme
 quality_ablations.md).
 """
 
-import pytest
 import torch
 
-from tomoe.baselines import run_static_magnitude
+from tomoe.baselines.runners import run_static_magnitude
 from tomoe.config import ToMoEConfig
 from tomoe.losses import kd_loss
 from tomoe.run import TrainConfig, load_routing, read_run

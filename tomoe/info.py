@@ -9,49 +9,16 @@ from types import SimpleNamespace
 
 import torch
 
+from tomoe.artifacts import identify, load_export
 from tomoe.errors import ToMoEError
 from tomoe.export.build import STOCK_FORMATS
+from tomoe.export.folder import EXPORT_METADATA
 from tomoe.families import Geometry, get_family
-from tomoe.report.collect import DEFAULT_TEXT as SAMPLE_TEXT  # one built-in sample for info and report
+from tomoe.loading import ModelSource, load_tokenizer
+from tomoe.sample_text import DEFAULT_TEXT as SAMPLE_TEXT  # one built-in sample for info and report
 
-STOCK_KINDS = ("mixtral", "qwen3_moe")  # stock transformers MoE layouts written by `tomoe export --format`
-EXPORT_METADATA = "tomoe_export.json"
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")
 
-
-
-def load_exported(model_dir: str | Path):
-    """(model, kind) of an exported folder: kind is 'tomoe' or a stock MoE layout ('mixtral', 'qwen3_moe')."""
-    import tomoe.export  # noqa: F401  (registers the tomoe model type)
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise ToMoEError(f"{model_dir} is not a model folder (no config.json); pass the --out folder of `tomoe export`.")
-    from tomoe.loading import LOAD_ERRORS, check_weight_files, one_line
-
-    check_weight_files(model_dir)
-    try:  # tomoe's own registered classes: the folder's copy of the modeling code is never imported
-        model_type = AutoConfig.from_pretrained(model_dir).model_type
-        if model_type == "tomoe" or (model_type in STOCK_KINDS and (model_dir / EXPORT_METADATA).is_file()):
-            return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(), model_type
-    except LOAD_ERRORS as error:
-        raise ToMoEError(f"Could not load the exported model in {str(model_dir)!r}: {one_line(error)}") from None
-    raise ToMoEError(f"{model_dir} holds a {model_type!r} model, not one exported by `tomoe export`.")
-
-
-def read_export_metadata(model_dir: Path) -> dict:
-    """The ``tomoe_export.json`` of an exported folder: the run it came from and the run's settings and results."""
-    from tomoe.loading import one_line
-
-    path = Path(model_dir) / EXPORT_METADATA
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise ToMoEError(f"{path} is missing or corrupt ({one_line(error)}); export the run again.") from None
-    if not isinstance(values, dict):
-        raise ToMoEError(f"{path} is corrupt (not a JSON object); export the run again.")
-    return values
 
 
 def export_geometry(model, kind: str, model_dir: Path) -> Geometry:
@@ -62,7 +29,7 @@ def export_geometry(model, kind: str, model_dir: Path) -> Geometry:
     geometry = get_family(SimpleNamespace(model_type=base_type, architectures=None)).geometry(config)
     if kind == "tomoe":
         return geometry
-    intermediate = read_export_metadata(model_dir).get("dense_intermediate_size")
+    intermediate = identify(model_dir).export_metadata().get("dense_intermediate_size")
     if not isinstance(intermediate, int):
         raise ToMoEError(f"{model_dir / EXPORT_METADATA} has no dense_intermediate_size; export the run again.")
     return dataclasses.replace(geometry, intermediate_size=intermediate)
@@ -100,7 +67,7 @@ def _decoder_weights(layer) -> int:
 
 @torch.no_grad()
 def model_info(model_dir: str | Path, text: str | None = None) -> dict:
-    model, kind = load_exported(model_dir)
+    model, kind = load_export(model_dir)
     config = model.config
     geometry = export_geometry(model, kind, Path(model_dir))
     dense_total, dense_decoder = dense_parameter_counts(model, geometry)
@@ -111,8 +78,6 @@ def model_info(model_dir: str | Path, text: str | None = None) -> dict:
     for index, layer in enumerate(model.model.layers):
         router = layer.mlp.router if kind == "tomoe" else layer.mlp.gate
         handles.append(router.register_forward_hook(_capture_route(routed, index, kind)))
-    from tomoe.loading import ModelSource, load_tokenizer
-
     tokenizer = load_tokenizer(ModelSource(str(model_dir)))
     input_ids = tokenizer(text or SAMPLE_TEXT, return_tensors="pt").input_ids
     if input_ids.numel() == 0:

@@ -38,6 +38,8 @@ from safetensors.torch import load_file, save_file
 
 from tomoe.config import ToMoEConfig
 from tomoe.errors import ToMoEError
+from tomoe.loading import load_model, load_tokenizer, resolve_model_source
+from tomoe.methods import get_method
 
 RUN_FILE = "tomoe_run.json"
 LOG_FILE = "log.jsonl"
@@ -361,8 +363,6 @@ def load_routing(run_dir: str | os.PathLike, model, info: RunInfo | None = None,
     The run's ``method`` says which routing that is: ToMoE's (also the static baselines', with one expert) or a
     baseline's own module (split-moe). ``checkpoint``: the run's :func:`inference_checkpoint` if already read.
     """
-    from tomoe.methods import get_method
-
     info = info or read_run(run_dir)
     checkpoint = checkpoint or inference_checkpoint(run_dir, info)
     routing = get_method(info.method).attach(model, info.tomoe, info.method_config)
@@ -381,8 +381,6 @@ def load_run_for_inference(run_dir: str | os.PathLike, device: str | torch.devic
 
     The routing modules are reachable as ``model.tomoe_routing`` (kept out of the model's own state dict).
     """
-    from tomoe.loading import load_model, load_tokenizer, resolve_model_source
-
     info = read_run(run_dir)
     checkpoint = inference_checkpoint(run_dir, info)  # small: a damaged one fails before the model is loaded
     source = resolve_model_source(info.train.model, what=f"the base model of the run {run_dir}")

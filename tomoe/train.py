@@ -258,7 +258,7 @@ class Training:
 def start_training(run_dir: Path, plan: RunPlan, accelerator: Accelerator) -> Training:
     """Load the model and the data, attach the routing and its optimizer, restore the last checkpoint of a resumed
     run, and write the run's settings (process 0)."""
-    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    device, world = accelerator.device, accelerator.num_processes
     existing, method, family, method_config = plan.existing, plan.method, plan.family, plan.method_config
     if existing is not None and existing.world_size != world:
         raise ToMoEError(

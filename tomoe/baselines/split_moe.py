@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tomoe.baselines import PARTITIONS
 from tomoe.baselines.calibration import run_dense_with_hooks
 from tomoe.config import ToMoEConfig
 from tomoe.errors import ToMoEError
@@ -44,7 +45,6 @@ from tomoe.losses import Widths, active_ratio, load_balance_loss
 from tomoe.nn import top_k_mask
 from tomoe.patch import HookedRouting
 
-PARTITIONS = ("kmeans", "random")
 REGULARIZERS = ("r_l",)
 MAX_AUTO_EXPERTS = 64  # LLaMA-MoE uses 8-16 experts, MoEfication experts of a few dozen channels
 KMEANS_ITERATIONS = 10

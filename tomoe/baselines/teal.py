@@ -103,7 +103,7 @@ def attach(model, tomoe_config: ToMoEConfig, method_config: dict) -> TealRouting
 
 
 def objective(routing: TealRouting, token_mask: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """No regularisers: the thresholds fix the share of weights read (``tomoe.baselines.run_teal`` runs 0 steps)."""
+    """No regularisers: the thresholds fix the share of weights read (``tomoe.baselines.runners.run_teal`` runs 0 steps)."""
     return {}, torch.tensor(routing.keep_fraction, device=token_mask.device)
 
 

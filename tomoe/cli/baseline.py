@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import time
 
+from tomoe.baselines import BASELINES, PARTITIONS
+from tomoe.cli.checks import check_output_dir
+from tomoe.cli.convert import add_training_arguments, prepare_resume, train_config_from_args
 from tomoe.config import ATTENTION_MODES
 from tomoe.errors import ToMoEError
 
@@ -32,10 +35,6 @@ METHOD_OPTIONS = {
 
 
 def register(subparsers) -> None:
-    from tomoe.baselines import BASELINES
-    from tomoe.baselines.split_moe import PARTITIONS
-    from tomoe.cli.convert import add_training_arguments
-
     parser = subparsers.add_parser(
         "baseline",
         help="build a baseline (static-learned, static-magnitude, split-moe, teal) as a run directory",
@@ -54,7 +53,7 @@ def register(subparsers) -> None:
 
 
 def build_options(args: argparse.Namespace) -> dict:
-    """The method's keyword options for tomoe.baselines.run_baseline; refuses options the method does not take."""
+    """The method's keyword options for tomoe.baselines.runners.run_baseline; refuses options the method does not take."""
     options = {}
     for name, methods in METHOD_OPTIONS.items():
         value = getattr(args, name)
@@ -67,16 +66,12 @@ def build_options(args: argparse.Namespace) -> dict:
 
 
 def build_train_config(args: argparse.Namespace):
-    from tomoe.cli.convert import train_config_from_args
-
     # static-magnitude is training-free unless --steps asks for KD; teal is training-free (and refuses --steps).
     return train_config_from_args(args, **({"steps": 0} if args.method in ("static-magnitude", "teal") else {}))
 
 
 def run(args: argparse.Namespace) -> int:
-    from tomoe.baselines import run_baseline
-    from tomoe.cli.checks import check_output_dir
-    from tomoe.cli.convert import prepare_resume
+    from tomoe.baselines.runners import run_baseline  # the training stack (torch, transformers): only when a baseline is built
 
     check_output_dir(args.out, "--out")
     options = build_options(args)

@@ -7,6 +7,7 @@ import dataclasses
 import time
 from pathlib import Path
 
+from tomoe.cli.checks import check_output_dir
 from tomoe.config import ATTENTION_MODES, ToMoEConfig
 from tomoe.errors import ToMoEError
 
@@ -64,7 +65,7 @@ RESUME_MAY_CHANGE = ("save_every", "log_every")
 
 def given_train_settings(args: argparse.Namespace) -> dict:
     """TrainConfig fields given as flags; a local --model path made absolute, as the run stores it."""
-    from tomoe.loading import stored_model_spec
+    from tomoe.loading import stored_model_spec  # torch: not for --help and argument errors
 
     given = {name: getattr(args, name) for name in (*TRAIN_OVERRIDES, "data", "seed", "bf16") if getattr(args, name, None) is not None}
     if args.model is not None:
@@ -75,7 +76,7 @@ def given_train_settings(args: argparse.Namespace) -> dict:
 def train_config_from_args(args: argparse.Namespace, **values):
     """TrainConfig from --preset, then ``values``, then the training flags given on the command line; checkpoints
     at most every --steps steps (shared by `tomoe convert` and `tomoe baseline`)."""
-    from tomoe.run import PRESETS, TrainConfig
+    from tomoe.run import PRESETS, TrainConfig  # torch: not for --help and argument errors
 
     config = TrainConfig(**{**PRESETS[args.preset or DEFAULT_PRESET], **values, **given_train_settings(args)})
     config.validate()  # before the clamp below, so that --save-every 0 is refused rather than made 1
@@ -103,13 +104,15 @@ def prepare_resume(args: argparse.Namespace, method: str, method_given: dict | N
     A flag counts when it is given, or set by a --preset that is given. ``method_given``: a baseline's options, the
     entries of its run's method config (besides ToMoEConfig's --experts / --attention).
     """
+    # torch and transformers: not for --help and argument errors
+    from tomoe.artifacts import RUN, identify
     from tomoe.loading import stored_model_spec
-    from tomoe.run import PRESETS, intact_checkpoint, is_run_dir, read_run, write_run
+    from tomoe.run import PRESETS, intact_checkpoint, write_run
 
-    out = Path(args.out)
-    if not (args.resume and is_run_dir(out)):
+    artifact = identify(args.out)
+    if not (args.resume and artifact.kind == RUN):
         return
-    info = read_run(out)
+    out, info = Path(args.out), artifact.run_info()
     stored = dataclasses.asdict(info.train)
     requested = {name: (f"--preset {args.preset}", value) for name, value in PRESETS[args.preset].items()} if args.preset else {}
     requested.update({name: (f"--{name.replace('_', '-')}", value) for name, value in given_train_settings(args).items()})
@@ -151,8 +154,7 @@ def prepare_resume(args: argparse.Namespace, method: str, method_given: dict | N
 
 
 def run(args: argparse.Namespace) -> int:
-    from tomoe.cli.checks import check_output_dir
-    from tomoe.train import convert
+    from tomoe.train import convert  # the training stack (torch, transformers): only when a run trains
 
     check_output_dir(args.out, "--out")
     tomoe_config, train_config = build_configs(args)

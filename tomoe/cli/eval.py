@@ -61,6 +61,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.compare:
         return compare(args)
+    # torch, transformers and the evaluation code: only when a model is evaluated
     import torch
 
     from tomoe.evaluate import evaluate_perplexity, evaluate_zeroshot, load_model_for_eval, zeroshot_average
@@ -114,13 +115,14 @@ def run(args: argparse.Namespace) -> int:
 def check_run(model: str | None, allow_unfinished: bool) -> None:
     """A run directory given as MODEL is finished (or --allow-unfinished says to take its latest checkpoint), and its
     checkpoint is intact: read before any model is loaded."""
-    from tomoe.run import inference_checkpoint, is_run_dir, read_run
+    from tomoe.artifacts import RUN, identify  # torch and transformers: only when a model is evaluated
+    from tomoe.run import inference_checkpoint
 
-    if model is None or not is_run_dir(Path(model).expanduser()):
+    artifact = identify(model)
+    if artifact.kind != RUN:
         return
-    run_dir = Path(model).expanduser()
-    info = read_run(run_dir)
-    checkpoint = inference_checkpoint(run_dir, info)
+    info = artifact.run_info()
+    checkpoint = inference_checkpoint(artifact.path, info)
     if info.status != "finished" and not allow_unfinished:
         raise ToMoEError(f"the run {model} is unfinished (step {checkpoint.step} of {info.train.steps}); finish it with "
                          f"`tomoe convert --resume --out {model}`, or pass --allow-unfinished to evaluate its step-{checkpoint.step} checkpoint.")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import shutil
+
+from tomoe.cli.checks import check_output_dir
+from tomoe.errors import ToMoEError
+from tomoe.export_formats import EXPORT_FORMATS
 
 
 def register(subparsers) -> None:
-    from tomoe.export import EXPORT_FORMATS
-
     parser = subparsers.add_parser(
         "export",
         help="write a trained run as a real MoE model folder (loads with transformers)",
@@ -30,11 +33,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tomoe.export import export_run
+    # The export code imports torch and transformers: only when a run is exported.
+    from tomoe.export.build import format_weight_bytes
+    from tomoe.export.folder import export_run
 
     check_before_export(args.run_dir, args.out)
-
-    from tomoe.export.build import format_weight_bytes
 
     def show_memory(model) -> None:
         print(format_weight_bytes(model.tomoe_export), flush=True)
@@ -47,15 +50,11 @@ def run(args: argparse.Namespace) -> int:
 def check_before_export(run_dir: str, out: str) -> None:
     """Before the dense model is loaded: --out can be written, the run is finished and its final checkpoint intact;
     then remove what an interrupted export to the same --out left behind."""
-    import shutil
-    from pathlib import Path
-
-    from tomoe.cli.checks import check_output_dir
-    from tomoe.errors import ToMoEError
-    from tomoe.run import inference_checkpoint, read_run
+    from tomoe.artifacts import identify  # torch and transformers: only when a run is exported
+    from tomoe.run import inference_checkpoint
 
     out_dir = check_output_dir(out, "--out")
-    info = read_run(run_dir)
+    info = identify(run_dir).run_info()
     checkpoint = inference_checkpoint(run_dir, info)
     if info.status != "finished":
         raise ToMoEError(f"the run {run_dir} is unfinished (step {checkpoint.step} of {info.train.steps}); an export needs its final "

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from tomoe.sample_text import read_sample_text
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -20,8 +22,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tomoe.info import format_info, model_info
-    from tomoe.report.collect import read_sample_text
+    from tomoe.info import format_info, model_info  # torch and transformers: only when a model is read
 
     text = read_sample_text(args.text)[0] if args.text else None
     info = model_info(args.model_dir, text)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from tomoe.cli.checks import check_output_file
+
 DESCRIPTION = """\
 Write one HTML file (no network, no external files) showing what a ToMoE conversion did: MLP expert widths per
 layer, attention dims kept, the active-parameter ratio per layer against the target, expert overlap and union
@@ -27,8 +29,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tomoe.cli.checks import check_output_file
-    from tomoe.report import build_report
+    from tomoe.report import build_report  # torch, transformers, matplotlib: only when a report is written
 
     check_output_file(args.out, "--out", "report.html")
     path = build_report(args.source, args.out, text=args.text)

@@ -11,9 +11,14 @@ import torch
 
 from tomoe.errors import ToMoEError
 from tomoe.export.configuration_tomoe import EXPERT_LAYOUTS, TomoeConfig
+from tomoe.export.mixtral import DEFAULT_PAD_TO, check_pad_to, padded_width
 from tomoe.export.modeling_tomoe import TomoeForCausalLM
 from tomoe.export.packing import pack_channels
+from tomoe.export_formats import EXPORT_FORMATS
+from tomoe.loading import load_model, resolve_model_source
+from tomoe.methods import require_tomoe_masks
 from tomoe.patch import ForwardState, ToMoERouting
+from tomoe.run import load_routing, read_run
 
 # Base-config entries that describe where the dense weights came from, not the exported model.
 DROPPED_BASE_KEYS = ("quantization_config", "_name_or_path", "architectures", "auto_map", "model_type", "transformers_version")
@@ -49,9 +54,6 @@ STOCK_FORMATS = {
 
 
 def check_format(format: str, pad_to: int | None) -> None:
-    from tomoe.export import EXPORT_FORMATS
-    from tomoe.export.mixtral import check_pad_to
-
     if format not in EXPORT_FORMATS:
         raise ToMoEError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}.")
     if pad_to is not None:
@@ -62,9 +64,6 @@ def check_format(format: str, pad_to: int | None) -> None:
 
 def check_exportable_run(run_dir: Path, format: str, pad_to: int | None = None):
     """The run's RunInfo if ``run_dir`` can be exported as ``format``; read from its JSON only, no weights."""
-    from tomoe.methods import require_tomoe_masks
-    from tomoe.run import read_run
-
     check_format(format, pad_to)
     info = read_run(run_dir)
     if info.status != "finished":
@@ -87,10 +86,6 @@ def export_model(source, format: str = "tomoe", *, routing: ToMoERouting | None 
     (every expert its own slices). The dense model is left as it was. ``model.tomoe_export["weight_bytes"]`` holds
     the weight bytes of every layout this run can be exported as, and of the dense model.
     """
-    from tomoe.export.mixtral import DEFAULT_PAD_TO
-    from tomoe.loading import load_model, resolve_model_source
-    from tomoe.run import load_routing
-
     if isinstance(source, (str, os.PathLike)):
         run_dir = Path(source)
         info = check_exportable_run(run_dir, format, pad_to)
@@ -138,8 +133,6 @@ def layout_weight_bytes(dense, routing: ToMoERouting, state: ForwardState, pad_t
     """Weight bytes (parameters and saved buffers, in the dense dtype) of the dense model and of every layout the
     routing can be exported as: ``tomoe packed``, ``tomoe stacked`` and the stock formats whose checks it passes.
     Counted from the layouts' shapes (a model on the meta device), nothing is allocated."""
-    from tomoe.export.mixtral import padded_width
-
     sizes = {"dense": _tensor_bytes(dense, dense.dtype)}
     packed = [ranges for _, ranges in (pack_channels(masks) for masks in state.expert_masks)]
     for layout, ranges in (("packed", packed), ("stacked", None)):

@@ -13,7 +13,11 @@ import tempfile
 from pathlib import Path
 
 from tomoe.errors import ToMoEError
+from tomoe.export.build import STOCK_FORMATS, check_exportable_run, check_layout, export_model
 from tomoe.export.compat import write_legacy_config_fields, write_portable_tokenizer_config
+from tomoe.loading import load_tokenizer, resolve_model_source
+
+EXPORT_METADATA = "tomoe_export.json"  # where the model came from: the run, its settings and results
 
 
 def check_out_dir(out_dir: Path) -> None:
@@ -26,8 +30,6 @@ def save_export(model, out_dir: str | Path, tokenizer=None) -> Path:
 
     Nothing appears at ``out_dir`` unless the whole folder was written.
     """
-    from tomoe.export.build import STOCK_FORMATS
-
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
     metadata = getattr(model, "tomoe_export", None)
@@ -43,7 +45,7 @@ def save_export(model, out_dir: str | Path, tokenizer=None) -> Path:
         stock = STOCK_FORMATS.get(metadata["format"])
         if stock is not None:
             write_legacy_config_fields(tmp, stock.legacy_aliases)
-        (tmp / "tomoe_export.json").write_text(json.dumps(metadata, indent=2) + "\n")
+        (tmp / EXPORT_METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
         if out_dir.exists():
             out_dir.rmdir()  # empty, checked above
         tmp.rename(out_dir)
@@ -58,9 +60,6 @@ def export_run(run_dir: str | Path, out_dir: str | Path, format: str = "tomoe", 
     """Write the finished run in ``run_dir`` as a model folder ``out_dir`` (every input checked before loading).
     ``layout``: the tomoe format's expert layout (``export_model``); ``before_write(model)`` is called once the model
     is built, before anything is written (the CLI prints the memory of each layout there)."""
-    from tomoe.export.build import check_exportable_run, check_layout, export_model
-    from tomoe.loading import load_tokenizer, resolve_model_source
-
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     info = check_exportable_run(run_dir, format, pad_to)
     check_layout(format, layout)

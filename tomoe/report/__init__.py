@@ -10,7 +10,9 @@ from pathlib import Path
 
 from tomoe.errors import ToMoEError
 from tomoe.extras import require
-from tomoe.report.collect import DEFAULT_TEXT, ReportData, TokenRouting, collect
+from tomoe.report.collect import ReportData, TokenRouting, collect
+from tomoe.run import atomic_write_text
+from tomoe.sample_text import DEFAULT_TEXT
 
 __all__ = ["DEFAULT_TEXT", "ReportData", "TokenRouting", "build_report", "collect", "write_report"]
 
@@ -27,9 +29,8 @@ def _check_out(out: str | Path) -> Path:
 def write_report(data: ReportData, out: str | Path) -> Path:
     """Draw and write the page for already collected data; returns the written path."""
     out = _check_out(out)
-    from tomoe.report.html import render
+    from tomoe.report.html import render  # matplotlib: imported once it is known to be installed
     from tomoe.report.plots import all_figures
-    from tomoe.run import atomic_write_text
 
     atomic_write_text(out, render(data, all_figures(data)))
     out.chmod(0o644)  # a page to share, not a secret (the atomic write creates files private to the user)

@@ -12,18 +12,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoTokenizer
 
+from tomoe.artifacts import EXPORT, RUN, identify, load_export
 from tomoe.errors import ToMoEError
+from tomoe.export.folder import EXPORT_METADATA
+from tomoe.info import dense_parameter_counts, export_geometry, weight_file_bytes
+from tomoe.measure import summarize_routing
+from tomoe.methods import require_tomoe_masks
+from tomoe.run import load_run_for_inference, read_log, read_run
+from tomoe.sample_text import read_sample_text
 
-# The default sample: a few registers (narrative, numbers, code, a question) so that routing has something to
-# separate.
-DEFAULT_TEXT = (
-    "The old lighthouse keeper climbed the spiral stairs at dusk, as he had done every evening for thirty-one years. "
-    "In 1987 the harbour counted 212 fishing boats; today there are fewer than 40, and most of them carry tourists. "
-    "To compute the average catch per boat, divide the total weight by the number of boats: avg = total_kg / boats. "
-    "def mean(values):\n    return sum(values) / len(values)\n"
-    "Why do gulls follow the ferries? Because the propellers churn up small fish, and a free meal is hard to refuse."
-)
 MAX_SAMPLE_TOKENS = 512  # enough for a readable token view; keeps the forward pass cheap on a CPU
 
 
@@ -101,22 +100,6 @@ def expert_load(experts: list[int], num_experts: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- sources
-def read_sample_text(path: str | Path | None) -> tuple[str, str]:
-    """(text, caption) of the sample: the user's file or the built-in paragraph."""
-    if path is None:
-        return DEFAULT_TEXT, "built-in sample paragraph"
-    path = Path(path)
-    if not path.is_file():
-        raise ToMoEError(f"--text {path} does not exist or is not a file; pass a UTF-8 text file, or leave --text out to use the built-in sample paragraph.")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ToMoEError(f"--text {path} is not UTF-8 text; convert it to UTF-8 or pass another file.") from None
-    if not text.strip():
-        raise ToMoEError(f"--text {path} is empty; the router needs some text to show where tokens go.")
-    return text, str(path)
-
-
 def tokenize_sample(tokenizer, text: str, max_tokens: int) -> tuple[torch.Tensor, list[str], bool]:
     """(input_ids (1, T), display text per token, truncated?)."""
     encoded = tokenizer(text, return_offsets_mapping=getattr(tokenizer, "is_fast", False))
@@ -145,13 +128,11 @@ def tokenize_sample(tokenizer, text: str, max_tokens: int) -> tuple[torch.Tensor
 
 def collect(source: str | Path, text_file: str | Path | None = None) -> ReportData:
     """ReportData for a run directory or an exported model folder."""
-    from tomoe.run import is_run_dir
-
-    path = Path(source)
-    if is_run_dir(path):
-        return collect_run(path, text_file)
-    if (path / "config.json").is_file() and (path / "tomoe_export.json").is_file():
-        return collect_exported(path, text_file)
+    artifact = identify(source)
+    if artifact.kind == RUN:
+        return collect_run(artifact.path, text_file)
+    if artifact.kind == EXPORT and (artifact.path / EXPORT_METADATA).is_file():
+        return collect_exported(artifact.path, text_file)
     raise ToMoEError(
         f"{source} is neither a tomoe run directory (with tomoe_run.json, from `tomoe convert`) nor a model folder "
         "written by `tomoe export` (any --format); pass one of those."
@@ -166,15 +147,9 @@ def collect_exported(model_dir: Path, text_file: str | Path | None = None) -> Re
     channels are its rows that are not zero padding, and two experts share a dense channel when they hold the same
     gate and up rows (the rows are copies of the dense model's), which is all that overlap and coverage need.
     """
-    import json
-
-    from transformers import AutoTokenizer
-
-    from tomoe.info import dense_parameter_counts, export_geometry, load_exported, weight_file_bytes
-
     text, caption = read_sample_text(text_file)
-    model, kind = load_exported(model_dir)
-    config, exported = model.config, json.loads((model_dir / "tomoe_export.json").read_text())
+    model, kind = load_export(model_dir)
+    config, exported = model.config, identify(model_dir).export_metadata()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     input_ids, pieces, truncated = tokenize_sample(tokenizer, text, min(MAX_SAMPLE_TOKENS, config.max_position_embeddings))
     routed: dict[int, list[int]] = {}
@@ -268,10 +243,6 @@ def _stored_width(model) -> int:
 
 @torch.no_grad()
 def collect_run(run_dir: Path, text_file: str | Path | None = None) -> ReportData:
-    from tomoe.measure import summarize_routing
-    from tomoe.methods import require_tomoe_masks
-    from tomoe.run import load_run_for_inference, read_log, read_run
-
     text, caption = read_sample_text(text_file)  # before loading a model: bad input fails fast
     info = read_run(run_dir)
     require_tomoe_masks(info.method, run_dir, "this report")
