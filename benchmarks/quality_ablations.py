@@ -47,6 +47,7 @@ VARIANTS: dict[str, tuple[dict, dict, tuple[str, ...], str]] = {
     "attention-dynamic": ({"attention": "dynamic"}, {}, (), "item 5: attention pruned too (static Q/K, per-token V/O)"),
     "attention-floor-0.9": ({"attention": "dynamic", "attention_floor": 0.9}, {}, (), "item 5: pruned attention keeps >= 90% of its weights"),
     "lr-3e-3": ({}, {"lr": 3e-3}, (), "a smaller learning rate"),
+    "before-union-gradient": ({}, {}, ("full-union-gradient",), "item 2: R_U with its whole gradient instead of the reference's fifth"),
 }
 
 
@@ -57,6 +58,7 @@ def swapped_code(names: tuple[str, ...]):
 
     import torch
 
+    from tomoe import losses
     from tomoe.nn import gumbel, routing
     from tomoe.patch import ToMoERouting
 
@@ -79,6 +81,7 @@ def swapped_code(names: tuple[str, ...]):
         return hook
 
     patches = {
+        "full-union-gradient": lambda: mock.patch.object(losses, "UNION_GRADIENT_SCALE", 1.0),
         "logistic-noise": lambda: mock.patch.object(routing, "st_gumbel_sigmoid", logistic_sigmoid),
         "shared-mask-sample": lambda: mock.patch.object(routing.MLPRouting, "token_masks", staticmethod(shared_sample)),
         "mask-twice": lambda: mock.patch.object(ToMoERouting, "_mlp_mask_hook", mask_twice_hook),

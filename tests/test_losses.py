@@ -15,6 +15,7 @@ from tomoe.losses import (
     layer_widths,
     load_balance_loss,
     log_ratio_loss,
+    scale_gradient,
     union_loss,
 )
 from tomoe.nn import MLPRouting
@@ -63,6 +64,21 @@ def test_union_loss_hand_computation():
     # MLP coverage 2/4; attention coverage over non-padding tokens: dims {0, 1} of 3.
     expected = (-math.log(2 / 4) - math.log(2 / 3)) / 2
     assert math.isclose(union_loss(state, token_mask).item(), expected, rel_tol=1e-6)
+
+
+def test_union_loss_skips_single_expert_layers():
+    # With one expert the MLP union is the expert's own mask: only the attention term is left (here 2 of 3 dims).
+    vo = torch.tensor([[[1.0, 0, 0], [0, 1, 0]]])
+    state = _state([torch.tensor([[1.0, 0, 0, 0]])], vo_masks=[vo])
+    assert math.isclose(union_loss(state, torch.ones(1, 2, dtype=torch.bool)).item(), -math.log(2 / 3), rel_tol=1e-6)
+    assert union_loss(_state([torch.tensor([[1.0, 0, 0, 0]])]), torch.ones(1, 2, dtype=torch.bool)).item() == 0.0
+
+
+def test_scale_gradient_keeps_the_value_and_scales_the_gradient():
+    x = torch.tensor(3.0, requires_grad=True)
+    y = scale_gradient(x * x, 0.2)
+    y.backward()
+    assert y.item() == 9.0 and math.isclose(x.grad.item(), 0.2 * 2 * 3.0, rel_tol=1e-6)
 
 
 def test_load_balance_hand_computation():

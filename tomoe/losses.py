@@ -52,6 +52,12 @@ def _token_mean(values: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
     return values[token_mask].mean(dim=0)
 
 
+# R_U enters the loss at beta = 2 with a fifth of its gradient, as in the reference implementation (its union loss goes
+# through custom_grad_weight(..., 0.2)): at full gradient the union term holds the active ratio above small targets
+# (p = 0.5 stalled at 0.59 on the quick budget) while KD has no say in which channels the experts share.
+UNION_GRADIENT_SCALE = 0.2
+
+
 @dataclass
 class Widths:
     """Per-layer widths that determine the active parameter count (all differentiable tensors)."""
@@ -87,10 +93,14 @@ def log_ratio_loss(value: torch.Tensor, target: float) -> torch.Tensor:
 def union_loss(state: ForwardState, token_mask: torch.Tensor) -> torch.Tensor:
     """R_U (Eq. 6-7, 16): mean over structures of f_reg(union coverage, 1).
 
-    MLP: union of the N expert masks (App. B.2). Attention: union of the per-token V/O masks of the batch.
+    MLP: union of the N expert masks (App. B.2). Attention: union of the per-token V/O masks of the batch. With one
+    expert (the static baselines) the MLP's union is that expert's mask, and pushing it to the whole width would only
+    fight R_P, so those layers have no union term.
     """
-    coverages = [1 - torch.prod(1 - masks, dim=0) for masks in state.expert_masks]
+    coverages = [1 - torch.prod(1 - masks, dim=0) for masks in state.expert_masks if masks.shape[0] > 1]
     coverages += [1 - torch.prod(1 - mask[token_mask], dim=0) for mask in state.vo_masks if mask is not None]
+    if not coverages:
+        return state.expert_masks[0].new_zeros(())
     return torch.stack([log_ratio_loss(c.mean(), 1.0) for c in coverages]).mean()
 
 
@@ -120,6 +130,11 @@ def attention_floor_loss(widths: Widths, geometry: Geometry, floor: float) -> to
     return (math.log(floor) - torch.log(ratios.clamp_min(1e-12))).clamp_min(0).mean()
 
 
+def scale_gradient(value: torch.Tensor, scale: float) -> torch.Tensor:
+    """``value`` in the forward pass, ``scale`` times its gradient in the backward pass."""
+    return scale * value + (1 - scale) * value.detach()
+
+
 def budget_target(target: float, progress: float, warmup: float) -> float:
     """The R_P target after a fraction ``progress`` of the training steps: 1 -> ``target`` linearly over ``warmup``.
 
@@ -146,7 +161,7 @@ def tomoe_objective(routing: ToMoERouting, token_mask: torch.Tensor) -> tuple[di
         budget = budget + attention_floor_loss(widths, geometry, cfg.attention_floor)
     regularizers = {
         "r_p": cfg.alpha * budget,
-        "r_u": cfg.beta * union_loss(state, token_mask),
+        "r_u": cfg.beta * scale_gradient(union_loss(state, token_mask), UNION_GRADIENT_SCALE),
         "r_l": cfg.gamma * load_balance_loss(state, token_mask),
     }
     return regularizers, ratio
