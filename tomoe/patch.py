@@ -90,8 +90,8 @@ class HookedRouting(nn.Module):
         """Multiplies the input of down_proj, the intermediate activation ``act(gate) * up``, by the channel mask.
 
         Once: the reference implementation masks ``act(gate)`` and ``up`` separately, i.e. by the mask squared, which
-        gives a kept channel twice the KD gradient and a dropped one none; measured on the embedded model that doubles
-        the perplexity at p = 0.7 (benchmarks/results/quality_ablations.md), so the single product stays.
+        gives a kept channel twice the KD gradient and a dropped one none; what that costs is the row
+        ``reference-mask-twice`` of benchmarks/results/quality_ablations.md.
         """
 
         def hook(module, args):
@@ -109,9 +109,10 @@ def resolve_attention(config: ToMoEConfig, geometry: Geometry) -> ToMoEConfig:
     """``config`` with ``attention="auto"`` replaced by the mode for this model.
 
     "none" (attention dense, the budget spent on the MLPs) when heads are narrower than 128 dims and the MLPs can
-    meet the target with a tenth of the weights to spare; "dynamic" otherwise. Measured on SmolLM2-135M (64-dim
-    heads) at p = 0.7, pruning attention costs several times the perplexity of pruning the MLPs deeper
-    (benchmarks/results/quality_ablations.md); the paper's 128-dim heads lose little to it (its Tab. 13).
+    meet the target with a tenth of the weights to spare; "dynamic" otherwise. A narrow head has few dims to give
+    up, so pruning it costs more quality than pruning the MLPs deeper (row ``attention-dynamic`` of
+    benchmarks/results/quality_ablations.md, on SmolLM2's 64-dim heads); the paper's 128-dim heads lose little to
+    it (its Tab. 13).
     """
     if config.attention != "auto":
         return config

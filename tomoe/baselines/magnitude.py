@@ -16,9 +16,9 @@ norm of those weights:
 Widths (``select_channels``): every layer keeps ``round(p * head_dim)`` V/O dims, the best Q/K groups that fit in
 ``round(p * head_dim)`` dims, and as many of its best MLP channels as the rest of its budget
 ``p * dense_params_per_layer`` pays for, so the active ratio of ``tomoe.losses.active_ratio`` is p to within one MLP
-channel, never above. Within a layer the channels are ranked by score. Uniform widths beat a global ranking per
-structure type on SmolLM2-135M (2k WikiText-2 tokens of 256, dense ppl 40): ppl 168 against 20k (raw scores) and
-197 (scores over their layer's mean) at p = 0.7, 807 against 351k and 1.3k at p = 0.5.
+channel, never above. Within a layer the channels are ranked by score. Widths are uniform because a global
+ranking per structure type, of the raw scores or of the scores over their layer's mean, loses more quality
+(benchmarks/results/design_measurements.md).
 
 The masks live in ToMoE's routing with one expert (``set_static_masks``): each mask projection's output layer gets
 weight 0 and a bias putting ``logit + b`` at ``+MARGIN`` (kept) or ``-MARGIN`` (pruned), for every input. The

@@ -15,17 +15,16 @@ The router starts from MoEfication's router objective solved in closed form: a r
 onto each expert's activation mass ``m_e = sum_{j in e} |h_j|`` on the calibration tokens, so that it begins by
 choosing the experts carrying most of it (with either partition). The target is ``log m_e`` centred per token and
 scaled to unit variance: logits of unit scale, so the softmax is informative and the optimizer's steps do not swamp
-them (regressing the raw shares m_e / sum m gives logits ~1/N, which three AdamW steps at lr 1e-2 turned from
-ppl 840 into 11k in a measurement at N = 48; with this target, 890). Training, in the normal loop of
+them (regressing the raw shares m_e / sum m gives logits ~1/N, which the first optimizer steps overturn; the
+numbers are in benchmarks/results/design_measurements.md). Training, in the normal loop of
 ``tomoe.train``, distils the dense model through it: the forward uses the hard top-k choice, the gradient is that
 of the softmax of the router logits (straight-through), the loss is KD + gamma R_L (Switch load balancing).
 
 N and k: the active ratio counts, as ToMoE's does, the decoder blocks' linear weights a token uses: k I/N channels
 of every MLP and the dense attention. ``choose_experts`` picks the N (a divisor of I, up to ``MAX_AUTO_EXPERTS``)
 and the k whose ratio is closest to the target without exceeding it; among equal ratios the most experts, because
-finer splits route better. Measured on SmolLM2-135M at p = 0.5 (k-means, 2k WikiText-2 tokens, dense ppl 40):
-N = 3 / 12 / 24 / 48 / 96 give ppl 20.6k / 2.4k / 1.5k / 840 / 540 with the fitted router, and even routing by
-the true activation mass of each expert only reaches 10.3k / 1.6k / 630 / 340 / 210.
+finer splits route better, with the fitted router and even with routing by each expert's true activation mass
+(benchmarks/results/design_measurements.md).
 """
 
 from __future__ import annotations
