@@ -21,7 +21,7 @@ row; ``down_proj (S, d)``: its down column, as a row), and every expert is a few
 ``auto`` (the default) picks per call, from the tokens per expert, the ranges and the stored width, the path
 with the fewest estimated bytes moved (:func:`choose_path`).
 
-**Stacked** layout (exports written before the packed one, and ``--layout stacked``): every expert stores its own
+**Stacked** layout (``--layout stacked``, and configs without ``expert_layout``): every expert stores its own
 slices (``gate_up_proj (N, 2W, d)``, ``down_proj (N, d, W)``, transformers' Mixtral layout), N times the union.
 Paths ``single`` and ``grouped``; the grouped kernel is this module's loop (``loop``, the CPU default) or
 transformers' experts implementations (``grouped_mm``, the CUDA default: one kernel for all experts;
@@ -45,9 +45,10 @@ GROUPED_KERNELS = ("loop", "grouped_mm", "batched_mm")
 # Roofline of the cost model, per device type: ``balance`` = tokens per weight row at which a matmul turns from
 # weight-bandwidth bound to compute bound (peak FLOP/s * bytes per weight / (2 * bandwidth)); on CPU it is given per
 # thread (``per_thread``: compute grows with the threads, bandwidth much less). ``launch`` = the fixed cost of one
-# range's matmuls (dispatch, small-kernel inefficiency) in bytes of weight traffic. Measured on a 2-core AVX-512 CPU
-# (fp32: the grouped/union crossover of a LLaMA-2-7B-shaped MLP at p = 0.5 lies near 100 tokens with 1 thread and
-# 200 with 2) and set from the H100 roofline (bf16); override with ``experts.cost_model``.
+# range's matmuls (dispatch, small-kernel inefficiency) in bytes of weight traffic. The CPU values are measured
+# (on a 2-core AVX-512 CPU in fp32, where the grouped/union crossover they reproduce is in
+# benchmarks/results/design_measurements.md), the CUDA ones set from the H100 roofline (bf16); override with
+# ``experts.cost_model``.
 COST_MODELS = {
     "cpu": {"balance": 16.0, "per_thread": True, "launch": 4.0e5},
     "cuda": {"balance": 256.0, "launch": 3.0e7},
@@ -264,9 +265,9 @@ def pad_query_key(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -
     """Query/key (..., qk_dim) zero-padded to the value head dim when the query has several tokens (prefill).
 
     ``scaled_dot_product_attention``'s fused kernels (flash on CPU and CUDA) need one head dim for query, key and
-    value; with ToMoE's sliced query/key it falls back to the unfused math kernel, 2.7x slower for a 8 x 512 prefill
-    of SmolLM2-135M's attention on CPU. Zeros add nothing to q.k (the softmax scale is passed explicitly), so the
-    output is unchanged. Decode (one query token) keeps the sliced dims: padding would copy the whole key cache
+    value; with ToMoE's sliced query/key it falls back to the unfused math kernel, much slower in prefill
+    (benchmarks/results/design_measurements.md). Zeros add nothing to q.k (the softmax scale is passed explicitly),
+    so the output is unchanged. Decode (one query token) keeps the sliced dims: padding would copy the whole key cache
     every step, which costs more there than the math kernel.
     """
     pad = value.shape[-1] - query.shape[-1]
