@@ -28,7 +28,7 @@ def register(subparsers) -> None:
                         "(default 8; 32 for llama.cpp Q8_0 / Q4_0, 256 for its K-quants such as Q4_K_M)")
     parser.add_argument("--layout", choices=("packed", "stacked"), help="tomoe format: 'packed' (default) stores each MLP's "
                         "kept channels once, experts as ranges of them (at most the dense model's memory); 'stacked' stores "
-                        "every expert's own slices (the layout before packed). The memory of every layout is printed before writing.")
+                        "every expert's own slices (on CUDA its grouped path runs transformers' grouped_mm kernel). The memory of every layout is printed before writing.")
     parser.set_defaults(run=run)
 
 

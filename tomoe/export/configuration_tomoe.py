@@ -22,8 +22,8 @@ class TomoeConfig(PretrainedConfig):
 
     ``expert_layout`` says how the MLP experts are stored: ``packed`` (each layer's kept channels once, every expert
     a list of ranges of them: ``expert_ranges[layer][expert] = [[start, end], ...]``) or ``stacked`` (every expert its
-    own slices, padded to the layer's ``mlp_widths``). Configs written before the packed layout have no
-    ``expert_layout`` and are ``stacked``.
+    own slices, padded to the layer's ``mlp_widths``). A config without ``expert_layout`` is ``stacked``: exports
+    whose config predates the field are stacked, and keep loading.
     """
 
     model_type = "tomoe"

@@ -96,8 +96,8 @@ class TomoePackedExperts(nn.Module):
 
 
 class TomoeStackedExperts(nn.Module):
-    """The N experts of one MLP, each its own slices of the dense gate/up/down weights, stored stacked: the layout of
-    exports written before the packed one (config without ``expert_layout``), N times the union's memory.
+    """The N experts of one MLP, each its own slices of the dense gate/up/down weights, stored stacked (``--layout
+    stacked``, and configs without ``expert_layout``): up to N times the union's memory.
 
     ``gate_up_proj[e]`` holds the gate rows then the up rows of expert e's channels, ``down_proj[e]`` the matching
     down columns (the Mixtral layout of transformers), and ``channels[e]`` the dense channel index of each slot.
@@ -240,7 +240,7 @@ class TomoeAttention(nn.Module):
         return torch.cat([rot * cos + _rotate_half(rot) * sin, rest], dim=-1)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, cache=None, **kwargs):
-        cache = cache if cache is not None else past_key_values  # transformers renamed past_key_values to cache (5.2x)
+        cache = cache if cache is not None else past_key_values  # ``cache`` from transformers 5.2x, ``past_key_values`` earlier
         input_shape = hidden_states.shape[:-1]
         query = self.q_proj(hidden_states).view(*input_shape, -1, self.qk_dim)  # (B, T, H, qk)
         key = self.k_proj(hidden_states).view(*input_shape, -1, self.qk_dim)
@@ -281,13 +281,13 @@ def _has_bias(dense: nn.Module, name: str, config) -> bool:
     return module.bias is not None if module is not None else bool(getattr(config, "attention_bias", False))
 
 
-# The KV-cache field of model outputs: ``cache`` since transformers 5.2x, ``past_key_values`` before.
+# The KV-cache field of model outputs: ``cache`` from transformers 5.2x, ``past_key_values`` in earlier versions.
 _OUTPUT_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def _cache_argument(decoder: nn.Module) -> str:
-    """The keyword under which ``decoder.forward`` takes the KV cache: ``cache`` or, before transformers 5.2x,
-    ``past_key_values``."""
+    """The keyword under which ``decoder.forward`` takes the KV cache: ``cache`` (transformers 5.2x) or
+    ``past_key_values`` (earlier versions)."""
     return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
@@ -350,7 +350,7 @@ class TomoeForCausalLM(TomoePreTrainedModel, GenerationMixin):
                 labels=None, use_cache=None, logits_to_keep=0, **kwargs) -> CausalLMOutputWithPast:
         cache = kwargs.pop("cache", None)
         cache = cache if cache is not None else past_key_values
-        if cache is not None:  # under the name this transformers' decoder takes (past_key_values before 5.2x)
+        if cache is not None:  # under the name this transformers' decoder takes
             kwargs[_cache_argument(self.model)] = cache
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
