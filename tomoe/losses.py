@@ -54,7 +54,8 @@ def _token_mean(values: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
 
 # R_U enters the loss at beta = 2 with a fifth of its gradient, as in the reference implementation (its union loss goes
 # through custom_grad_weight(..., 0.2)): at full gradient the union term holds the active ratio above small targets
-# (p = 0.5 stalled at 0.59 on the quick budget) while KD has no say in which channels the experts share.
+# while KD has no say in which channels the experts share (the ablation row before-union-gradient of
+# benchmarks/quality_ablations.py measures it).
 UNION_GRADIENT_SCALE = 0.2
 
 

@@ -15,9 +15,9 @@ main process of a multi-process run writes.
 
 Safe to read when handed by someone else. Nothing read from a run directory is unpickled into arbitrary objects:
 the settings, log and trainer state are JSON, the routing weights safetensors, and the optimizer state is read with
-``torch.load(weights_only=True)``, which rebuilds only tensors and plain containers and refuses anything else. The
-``rng.pt`` of runs written by older versions is never read: the training noise is a function of (seed, step,
-micro-batch), so no RNG state is needed to resume.
+``torch.load(weights_only=True)``, which rebuilds only tensors and plain containers and refuses anything else. An
+``rng.pt`` in a run directory is never read: the training noise is a function of (seed, step, micro-batch), so no
+RNG state is needed to resume.
 """
 
 from __future__ import annotations
@@ -95,8 +95,8 @@ EXECUTION_SETTINGS = ("gradient_checkpointing", "fsdp")
 PRESETS: dict[str, dict] = {
     # The paper's budget: 10k steps of one 2048-token sequence (App. C).
     "paper": dict(steps=10_000, seq_len=2048, batch_size=1, save_every=500),
-    # About 15 minutes on a 2-core CPU for SmolLM2-135M. The larger learning rate lets the masks reach the budget
-    # within a few dozen steps; with the paper's 1e-3 they need hundreds (its budget is 10k steps).
+    # A CPU demonstration on SmolLM2-135M, sized to finish in minutes. The larger learning rate lets the masks reach
+    # the budget within a few dozen steps; with the paper's 1e-3 they need hundreds (its budget is 10k steps).
     "quick": dict(steps=150, seq_len=256, batch_size=2, lr=1e-2, save_every=50, log_every=5),
 }
 
@@ -143,7 +143,7 @@ def read_run(run_dir: str | os.PathLike) -> RunInfo:
             status=values["status"],
             result=values.get("result", {}),
             world_size=values.get("world_size", 1),
-            method=values.get("method", "tomoe"),  # runs written before baselines existed are ToMoE runs
+            method=values.get("method", "tomoe"),  # no method: ToMoE's (baselines always write theirs)
             method_config=values.get("method_config", {}),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as error:  # ValueError: not UTF-8 or not JSON
