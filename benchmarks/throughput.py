@@ -607,7 +607,7 @@ def main() -> None:
                         help="token counts of the MLP kernel table (default 1 16 128 1024; none: skip the kernel table)")
     parser.add_argument("--moe", nargs="*", default=[], help="exported ToMoE folders of trained runs to add (against their dense base)")
     parser.add_argument("--layouts", nargs="+", choices=("packed", "stacked"), default=["packed", "stacked"],
-                        help="expert layouts of the built MoEs (packed: the default export; stacked: the layout before it)")
+                        help="expert layouts of the built MoEs (packed: the default export; stacked: every expert its own slices)")
     parser.add_argument("--spread", type=float, default=0.5,
                         help="per-expert noise of the channel masks (0: identical experts, large: independent random subsets)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))

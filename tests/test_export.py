@@ -35,7 +35,7 @@ def runs(tmp_path_factory, tiny_model_dir, tiny_text_file):
     export_run(root / "dense-attn", root / "dense-attn-mixtral", format="mixtral")
     assert main(["export", str(root / "dynamic"), "--out", str(root / "dynamic-stacked"), "--layout", "stacked"]) == 0
     export_run(root / "dense-attn", root / "dense-attn-stacked", layout="stacked")
-    # An export written before the packed layout: stacked experts, and a config without the layout fields.
+    # An old-format export: stacked experts, and a config without the layout fields.
     shutil.copytree(root / "dynamic-stacked", root / "dynamic-old")
     config = json.loads((root / "dynamic-old" / "config.json").read_text())
     del config["expert_layout"], config["expert_ranges"]
