@@ -1,7 +1,7 @@
 """Quality and measured speed of ToMoE against structured baselines and TEAL: same model, active ratios, budget and harness.
 
     python benchmarks/quality.py                   # CPU default (--budget quick): about 2 hours on 2 cores
-    python benchmarks/quality.py --budget standard # 150 steps of 2048 tokens per trained run (~40 min each on 2 cores)
+    python benchmarks/quality.py --budget standard # 80 steps of 2048 tokens per trained run (~40-70 min each on 2 cores)
     python benchmarks/quality.py --budget paper    # the paper's training budget and full evaluation (a GPU)
     python benchmarks/quality.py --methods teal,static-magnitude --no-dense --no-speed   # some rows (merged into the table)
     python benchmarks/quality.py --report-only     # rebuild quality.md and the plot from the cached rows
@@ -25,8 +25,9 @@ Budget: every trained method gets the same steps x batch x tokens of the same da
 0), the same learning rate and the same loop; the baselines' initialisations read the same calibration blocks.
 ``--budget quick`` (default): 60 steps of 2 x 256 tokens at the quick preset's lr 1e-2, perplexity over the first 8
 windows of 2048 tokens of the WikiText-2 test split (16k of its 305k tokens), zero-shot ``--limit 20`` per task.
-``--budget standard``: 150 steps of one 2048-token sequence (the evaluation's window length) at lr 1e-2 (the quick preset's, whose target warm-up keeps it from overshooting), 16
-windows, ``--limit 20``: at most about 40 minutes of CPU per trained run. ``--budget paper``: 10k steps of 2048
+``--budget standard``: 80 steps of one 2048-token sequence (the evaluation's window length; 5.3x the quick budget's
+tokens) at lr 1e-2 (the quick preset's, whose target warm-up keeps it from overshooting), 16 windows, ``--limit 20``.
+A step takes 30-50 s on a 2-core CPU, so a run takes 40-70 minutes (150 steps would take over two hours). ``--budget paper``: 10k steps of 2048
 tokens at lr 1e-3 (App. C), the whole test split, full zero-shot sets.
 
 Evaluation is that of ``tomoe eval RUN_DIR --ppl wikitext2 --max-windows W --tasks all --limit L --batch-size 8``
@@ -69,7 +70,7 @@ UNSTRUCTURED = ("teal",)  # each token reads other weight columns; every other m
 RATIOS = (0.7, 0.6, 0.5)
 BUDGETS = {
     "quick": dict(steps=60, seq_len=256, batch_size=2, lr=1e-2, ppl_windows=8, limit=20),
-    "standard": dict(steps=150, seq_len=2048, batch_size=1, lr=1e-2, ppl_windows=16, limit=20, save_every=25),
+    "standard": dict(steps=80, seq_len=2048, batch_size=1, lr=1e-2, ppl_windows=16, limit=20, save_every=20),
     "paper": dict(steps=10_000, seq_len=2048, batch_size=1, lr=1e-3, ppl_windows=None, limit=None),
 }
 SPEED_THREADS = 2
@@ -87,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
     parser.add_argument("--ratios", default=",".join(map(str, RATIOS)), help="comma-separated target active ratios (default 0.7,0.6,0.5)")
     parser.add_argument("--budget", choices=tuple(BUDGETS), default="quick",
-                        help="quick: CPU, ~2 h (default); standard: 150 x 2048 tokens, ~40 min per trained run on a CPU; paper: App. C, a GPU")
+                        help="quick: CPU, ~2 h (default); standard: 80 x 2048 tokens, ~40-70 min per trained run on a CPU; paper: App. C, a GPU")
     parser.add_argument("--steps", type=int, help="training steps of every trained method (overrides the budget)")
     parser.add_argument("--limit", type=int, help="zero-shot examples per task (overrides the budget; quick: 20)")
     parser.add_argument("--ppl-windows", type=int, help="perplexity over the first W windows of 2048 tokens (overrides the budget; quick: 8)")
