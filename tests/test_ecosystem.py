@@ -298,7 +298,7 @@ def test_report_on_a_stock_export_recovers_the_experts(exports, models, format, 
         np.testing.assert_allclose(jaccard_matrix(found), jaccard_matrix(true))
         assert union_coverage(found) == pytest.approx(union_coverage(true))
     # The stock export routes every token of the sample to the expert the ToMoE routing it came from chooses.
-    from tomoe.report.collect import DEFAULT_TEXT
+    from tomoe.sample_text import DEFAULT_TEXT
 
     dense = models[format][0]
     tokens = len(data.routing.experts[0])

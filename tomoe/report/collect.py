@@ -234,7 +234,7 @@ def _stock_structure(model, geometry):
                 mask[expert, ids.setdefault(row.tobytes(), len(ids))] = True
         masks.append(mask)
     head = geometry.head_dim
-    return geometry, masks, [head] * len(masks), [head] * len(masks), [int(m.sum(axis=1).max()) for m in masks]
+    return masks, [head] * len(masks), [head] * len(masks), [int(m.sum(axis=1).max()) for m in masks]
 
 
 def _stored_width(model) -> int:
