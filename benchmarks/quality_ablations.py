@@ -47,6 +47,7 @@ VARIANTS: dict[str, tuple[dict, dict, tuple[str, ...], str]] = {
     "attention-dynamic": ({"attention": "dynamic"}, {}, (), "item 5: attention pruned too (static Q/K, per-token V/O)"),
     "attention-floor-0.9": ({"attention": "dynamic", "attention_floor": 0.9}, {}, (), "item 5: pruned attention keeps >= 90% of its weights"),
     "lr-3e-3": ({}, {"lr": 3e-3}, (), "a smaller learning rate"),
+    "constant-alpha": ({"budget_gain": 0.0}, {}, (), "alpha constant (the paper's), without the integral scale that drives the ratio to its target"),
     "before-union-gradient": ({}, {}, ("full-union-gradient",), "item 2: R_U with its whole gradient instead of the reference's fifth"),
 }
 

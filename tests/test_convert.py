@@ -47,6 +47,17 @@ def test_training_moves_active_ratio_to_target_from_a_student_equal_to_its_teach
     assert len(info.result["expert_widths"]) == 2 and len(info.result["expert_widths"][0]) == 8
 
 
+def test_loop_scales_alpha_by_the_logged_ratio_gaps(tmp_path, tiny_model_dir, tiny_text_file):
+    # Every logged step: scale = previous scale * (ratio / target) ** gain, clamped to [1, 64] (log every step).
+    config = ToMoEConfig(target_active=0.3, budget_warmup=0.0, budget_gain=0.5)
+    convert(tmp_path / "run", config, _train_config(tiny_model_dir, tiny_text_file, steps=8, log_every=1), progress=False)
+    scale = 1.0
+    for record in read_log(tmp_path / "run"):
+        scale = min(max(scale * (record["active_ratio"] / record["budget_target"]) ** 0.5, 1.0), 64.0)
+        assert record["budget_scale"] == pytest.approx(scale, rel=1e-5)
+    assert scale > 1.5  # the ratio starts far above 0.3, so alpha has grown
+
+
 def test_same_seed_same_result_and_other_seed_differs(tmp_path, tiny_model_dir, tiny_text_file):
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
         convert(tmp_path / name, ToMoEConfig(attention="dynamic"), _train_config(tiny_model_dir, tiny_text_file, seed=seed), progress=False)

@@ -15,8 +15,11 @@ from tomoe.losses import (
     layer_widths,
     load_balance_loss,
     log_ratio_loss,
+    MAX_BUDGET_SCALE,
     scale_gradient,
+    tomoe_objective,
     union_loss,
+    update_budget_scale,
 )
 from tomoe.nn import MLPRouting
 from tomoe.patch import ForwardState, attach
@@ -121,6 +124,32 @@ def test_budget_target_anneals_from_one_to_target_over_the_warmup():
     assert budget_target(0.5, 0.5, 0.5) == 0.5
     assert budget_target(0.5, 0.9, 0.5) == 0.5
     assert budget_target(0.5, 0.0, 0.0) == 0.5  # no warm-up: the target from the first step
+
+
+def test_budget_scale_integrates_the_log_gap_within_its_bounds():
+    assert math.isclose(update_budget_scale(1.0, 0.6, 0.5, 0.5), (0.6 / 0.5) ** 0.5)
+    assert math.isclose(update_budget_scale(4.0, 0.45, 0.5, 0.5), 4.0 * (0.45 / 0.5) ** 0.5)  # below target: decays
+    assert update_budget_scale(1.0, 0.4, 0.5, 0.5) == 1.0  # never below the paper's alpha
+    assert update_budget_scale(60.0, 1.0, 0.5, 0.5) == MAX_BUDGET_SCALE
+    assert update_budget_scale(3.0, 0.9, 0.5, 0.0) == 3.0  # gain 0: alpha constant
+
+
+def test_budget_loss_is_alpha_times_scale_times_log_gap(tiny_llama):
+    routing = attach(tiny_llama, ToMoEConfig(num_experts=2, alpha=3.0)).train()
+    routing.budget_target = 0.8
+    routing.budget_scale.fill_(2.5)
+    torch.manual_seed(0)
+    tiny_llama(torch.randint(0, 256, (2, 10)))
+    regularizers, ratio = tomoe_objective(routing, torch.ones(2, 10, dtype=torch.bool))
+    assert math.isclose(regularizers["r_p"].item(), 3.0 * 2.5 * abs(math.log(ratio.item() / 0.8)), rel_tol=1e-5)
+
+
+def test_routing_saved_before_the_budget_scale_loads_with_alpha_unscaled(tiny_llama):
+    routing = attach(tiny_llama, ToMoEConfig(num_experts=2))
+    routing.budget_scale.fill_(5.0)
+    state = {k: v for k, v in routing.state_dict().items() if k != "budget_scale"}
+    routing.load_state_dict(state)
+    assert routing.budget_scale.item() == 1.0
 
 
 def test_attention_floor_loss_hand_computation(tiny_llama):

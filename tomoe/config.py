@@ -33,6 +33,10 @@ class ToMoEConfig:
     kd_weight: float = 2.0  # weight of the KD term in Eq. 10: 2, as in the reference implementation's train_tomoe.py
     budget_warmup: float = 0.5  # R_P's target anneals from 1 to target_active over this fraction of the steps
     attention_floor: float = 0.0  # each layer's attention keeps at least this fraction of its weights (0: no floor)
+    # Integral gain of R_P's weight: alpha grows by exp(budget_gain * log(r / p)) per step while the active ratio r is
+    # above the (annealed) target p and shrinks back towards alpha below it (tomoe.losses.update_budget_scale); 0 keeps
+    # the paper's constant alpha.
+    budget_gain: float = 0.5
     hypernet_seed: int = 0  # seed of the fixed hypernetwork inputs z
 
     def __post_init__(self) -> None:
@@ -49,6 +53,8 @@ class ToMoEConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ToMoEError(f"{name.replace('_', '-')} must be a number in [0, 1], got {value!r}.")
+        if not isinstance(self.budget_gain, (int, float)) or not 0.0 <= self.budget_gain < float("inf"):
+            raise ToMoEError(f"budget-gain must be a finite number >= 0, got {self.budget_gain!r}.")
         if not isinstance(self.kd_weight, (int, float)) or not self.kd_weight > 0 or self.kd_weight == float("inf"):
             raise ToMoEError(f"kd-weight must be a finite number > 0, got {self.kd_weight!r}.")
         if self.tau <= 0:

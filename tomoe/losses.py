@@ -147,12 +147,31 @@ def budget_target(target: float, progress: float, warmup: float) -> float:
     return 1.0 - (1.0 - target) * progress / warmup
 
 
+# Bound of the budget scale: alpha may grow 64-fold (never so far that R_P's gradient is all the optimizer sees).
+MAX_BUDGET_SCALE = 64.0
+
+
+def update_budget_scale(scale: float, ratio: float, target: float, gain: float) -> float:
+    """The next step's multiplier of alpha: ``scale * (ratio / target) ** gain``, kept within [1, MAX_BUDGET_SCALE].
+
+    Why: R_P = |log r - log p| has a gradient that does not depend on the gap, so with a constant alpha the active
+    ratio settles where KD's pull balances alpha, above small targets (p = 0.5 ended at 0.57 in 60 steps, a one-expert
+    run at 0.69). Integrating the log gap into alpha, as a Lagrange multiplier would (Sheared-LLaMA), keeps raising the
+    weight until the ratio reaches p; below p it decays back towards the paper's alpha. ``ratio`` is the step's
+    active ratio averaged over every process, so all processes hold the same scale.
+    """
+    if gain == 0:
+        return scale
+    new = math.log(scale) + gain * (math.log(max(ratio, 1e-12)) - math.log(target))
+    return float(min(max(math.exp(new), 1.0), MAX_BUDGET_SCALE))
+
+
 def tomoe_objective(routing: ToMoERouting, token_mask: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The regularisers of Eq. 10 for the last student forward of a ToMoE routing, weighted, and its active ratio.
 
     Returns ``({"r_p": alpha R_P, "r_u": beta R_U, "r_l": gamma R_L}, active ratio)``; the training loss is
-    ``kd_weight`` KD plus their sum. R_P aims at ``routing.budget_target`` (the annealed target during training)
-    and includes the attention floor.
+    ``kd_weight`` KD plus their sum. R_P aims at ``routing.budget_target`` (the annealed target during training),
+    includes the attention floor and is weighted by alpha times ``routing.budget_scale`` (:func:`update_budget_scale`).
     """
     cfg, geometry, state = routing.config, routing.geometry, routing.state
     widths = layer_widths(state, geometry, token_mask)
@@ -161,7 +180,7 @@ def tomoe_objective(routing: ToMoERouting, token_mask: torch.Tensor) -> tuple[di
     if routing.dynamic_attention and cfg.attention_floor > 0:
         budget = budget + attention_floor_loss(widths, geometry, cfg.attention_floor)
     regularizers = {
-        "r_p": cfg.alpha * budget,
+        "r_p": cfg.alpha * float(routing.budget_scale) * budget,
         "r_u": cfg.beta * scale_gradient(union_loss(state, token_mask), UNION_GRADIENT_SCALE),
         "r_l": cfg.gamma * load_balance_loss(state, token_mask),
     }

@@ -120,6 +120,11 @@ def resolve_attention(config: ToMoEConfig, geometry: Geometry) -> ToMoEConfig:
     return dataclasses.replace(config, attention="none" if dense else "dynamic")
 
 
+def _default_budget_scale(module, state_dict, prefix, *args) -> None:
+    """Runs saved before the budget scale existed load with alpha unscaled."""
+    state_dict.setdefault(prefix + "budget_scale", torch.ones(()))
+
+
 class ToMoERouting(HookedRouting):
     """The trainable ToMoE modules for one model and the hooks applying them."""
 
@@ -154,6 +159,9 @@ class ToMoERouting(HookedRouting):
         )
         self.vo_topk: list[int] | None = None  # per layer K of the inference-time V/O top-K, set after training
         self.budget_target = config.target_active  # R_P's current target; the training loop anneals it
+        # alpha's multiplier (tomoe.losses.update_budget_scale): training state, saved with the checkpoints
+        self.register_buffer("budget_scale", torch.ones(()))
+        self.register_load_state_dict_pre_hook(_default_budget_scale)
         self.state: ForwardState | None = None
         self._attach_hooks(model)
         self.to(next(model.parameters()).device)

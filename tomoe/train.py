@@ -47,7 +47,7 @@ from tomoe.data import BlockSampler, load_documents, pack_blocks, validate_data_
 from tomoe.errors import ToMoEError
 from tomoe.families import FamilyAdapter, get_family
 from tomoe.loading import ModelSource, load_config, load_model, load_tokenizer, resolve_model_source
-from tomoe.losses import budget_target, kd_loss, tomoe_objective
+from tomoe.losses import budget_target, kd_loss, tomoe_objective, update_budget_scale
 from tomoe.measure import summarize_routing
 from tomoe.methods import Method, get_method
 from tomoe.patch import HookedRouting, ToMoERouting, resolve_attention
@@ -191,6 +191,10 @@ def convert(
             stop_non_finite(run, step, values, grad_norm)
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
+        if isinstance(run.routing, ToMoERouting):
+            scale = update_budget_scale(float(run.routing.budget_scale), values["active_ratio"], run.routing.budget_target,
+                                        run.info.tomoe.budget_gain)
+            run.routing.budget_scale.fill_(scale)
 
         done = step + 1
         values = {name: round(value, 6) for name, value in values.items()}
@@ -373,6 +377,7 @@ def log_step(run: Training, done: int, values: dict[str, float], grad_norm: floa
               "tokens": done * run.global_batch * tc.seq_len, "elapsed_s": round(elapsed, 2)}
     if isinstance(run.routing, ToMoERouting):
         record["budget_target"] = round(run.routing.budget_target, 6)
+        record["budget_scale"] = round(float(run.routing.budget_scale), 6)
     append_log(run.run_dir, record)
 
 
