@@ -73,7 +73,7 @@ BUDGETS = {
     "standard": dict(steps=80, seq_len=2048, batch_size=1, lr=1e-2, ppl_windows=16, limit=20, save_every=20),
     "paper": dict(steps=10_000, seq_len=2048, batch_size=1, lr=1e-3, ppl_windows=None, limit=None),
 }
-SPEED_THREADS = 2
+SPEED_THREADS = 1  # one thread: a training run on the machine's other core does not share it
 SPEED_REPEATS = 3
 PREFILL_TOKENS = 2048
 DECODE_TOKENS = 32
