@@ -35,13 +35,14 @@ def export_geometry(model, kind: str, model_dir: Path) -> Geometry:
     return dataclasses.replace(geometry, intermediate_size=intermediate)
 
 
-def dense_parameter_counts(model, geometry: Geometry) -> tuple[int, int]:
+def dense_parameter_counts(model, geometry: Geometry, added: int = 0) -> tuple[int, int]:
     """(whole dense model, its decoder-block linear weights) of the base the export came from.
 
     The whole model is the export's parameters with what the export added taken out (the MLP routers, the V/O
-    routers) and what it sliced put back at its dense size (every MLP, the query/key rows of pruned attention).
+    routers, ``added``: the export metadata's ``added_params``, e.g. the zero q/k/v biases of a Llama model's
+    qwen2_moe layout) and what it sliced put back at its dense size (every MLP, the query/key rows of pruned attention).
     """
-    total = sum(p.numel() for p in model.parameters())  # a tied embedding once, as in the dense model
+    total = sum(p.numel() for p in model.parameters()) - added  # a tied embedding once, as in the dense model
     for layer in model.model.layers:
         total -= _numel(layer.mlp)  # experts and router
         attention = layer.self_attn
@@ -80,7 +81,7 @@ def model_info(model_dir: str | Path, text: str | None = None) -> dict:
     model, kind = load_export(model_dir)
     config = model.config
     geometry = export_geometry(model, kind, Path(model_dir))
-    dense_total, dense_decoder = dense_parameter_counts(model, geometry)
+    dense_total, dense_decoder = dense_parameter_counts(model, geometry, identify(model_dir).export_metadata().get("added_params", 0))
 
     # Route the sample text and count, per token, the weights it actually uses.
     routed: dict[int, torch.Tensor] = {}

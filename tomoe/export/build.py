@@ -126,7 +126,8 @@ def export_model(source, format: str = "tomoe", *, routing: ToMoERouting | None 
         routing.train(was_training)
     model.generation_config = copy.deepcopy(dense.generation_config)
     model.tomoe_export = {"format": format, **metadata, "dense_intermediate_size": routing.geometry.intermediate_size, "pad_to": pad_to or DEFAULT_PAD_TO if stock else None,
-                          "layout": (layout or "packed") if stock is None else None, "weight_bytes": weight_bytes}
+                          "layout": (layout or "packed") if stock is None else None, "weight_bytes": weight_bytes,
+                          "added_params": _added_params(model, dense) if stock else 0}
     return model
 
 
@@ -172,6 +173,13 @@ def format_weight_bytes(metadata: dict) -> str:
             mark = "  <- writing" if name == chosen else ""
             lines.append(f"  {name:<14} {size / 2**20:>10,.1f} MiB  {size / sizes['dense']:5.2f}x dense{mark}")
     return "\n".join(lines)
+
+
+def _added_params(model, dense) -> int:
+    """Parameters outside the MLPs that a stock layout holds and the dense model lacks (all zero, e.g. the q/k/v
+    biases of a Llama model's qwen2_moe layout): ``tomoe info`` takes them out of the dense model's size."""
+    own = dense.state_dict()
+    return sum(p.numel() for name, p in model.named_parameters() if ".mlp." not in name and name not in own)
 
 
 def _tensor_bytes(model, dtype: torch.dtype) -> int:

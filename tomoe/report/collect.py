@@ -199,7 +199,7 @@ def collect_exported(model_dir: Path, text_file: str | Path | None = None) -> Re
         active_ratio=float(np.mean(layer_active)),
         routing=TokenRouting(pieces, [routed[i] for i in range(len(masks))], caption, truncated),
         details=details,
-        weights_vs_dense=weight_bytes / (dense_parameter_counts(model, geometry)[0] * element_size),
+        weights_vs_dense=weight_bytes / (dense_parameter_counts(model, geometry, exported.get("added_params", 0))[0] * element_size),
     )
 
 
