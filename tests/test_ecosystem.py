@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen3Config
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen3Config
 
 import tomoe
 from tomoe.cli import main
@@ -31,6 +31,13 @@ LEGACY_QWEN3_MOE_FIELDS = (
     "hidden_act", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "rope_theta", "rope_scaling",
     "attention_bias", "use_sliding_window", "decoder_sparse_step", "moe_intermediate_size", "num_experts_per_tok",
     "num_experts", "norm_topk_prob", "mlp_only_layers", "torch_dtype",
+)
+# Qwen2-MoE as of 4.45 (its attention derives head_dim from hidden_size and always has q/k/v biases).
+LEGACY_QWEN2_MOE_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "hidden_act", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "rope_theta", "rope_scaling",
+    "use_sliding_window", "max_window_layers", "decoder_sparse_step", "moe_intermediate_size",
+    "shared_expert_intermediate_size", "num_experts_per_tok", "num_experts", "norm_topk_prob", "mlp_only_layers", "torch_dtype",
 )
 NO_TOMOE = """
 import sys, importlib.abc
@@ -65,6 +72,23 @@ def tiny_qwen3_config(tokenizer):
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
+def tiny_qwen2_config(tokenizer):
+    return Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=256, rope_theta=5e5, tie_word_embeddings=True,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+def with_random_biases(model_and_routing, seed: int):
+    """Qwen2's q/k/v biases start at zero: random ones show that the export copies them."""
+    model, routing = model_and_routing
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(".bias"):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    return model, routing
+
+
 @pytest.fixture(scope="module")
 def models(smol_tokenizer):
     """format -> (dense model with routing attached, its routing)."""
@@ -73,6 +97,7 @@ def models(smol_tokenizer):
     return {
         "mixtral": routed_model(llama),
         "qwen3_moe": routed_model(tiny_qwen3_config(smol_tokenizer), seed=1),
+        "qwen2_moe": with_random_biases(routed_model(tiny_qwen2_config(smol_tokenizer), seed=3), seed=3),
         "tomoe": routed_model(llama, attention="dynamic", seed=2),
     }
 
@@ -90,14 +115,15 @@ def sample_ids():
     return torch.randint(3, 49152, (2, 20), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("format", ["tomoe", "mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("format", ["tomoe", "mixtral", "qwen3_moe", "qwen2_moe", "qwen2_moe-llama"])
 def test_export_model_in_memory_equals_the_routed_model(models, format, sample_ids):
-    dense, routing = models[format]
+    dense, routing = models["mixtral" if format == "qwen2_moe-llama" else format]  # qwen2_moe holds Qwen2 and Llama
+    format = format.split("-")[0]
     routing.train()
     exported = tomoe.export_model(dense, format, routing=routing)
     assert routing.training  # the caller's mode is restored
     routing.eval()
-    expected = {"tomoe": "TomoeForCausalLM", "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}[format]
+    expected = {"tomoe": "TomoeForCausalLM", "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}[format]
     assert type(exported).__name__ == expected
     with torch.no_grad():
         torch.testing.assert_close(exported(sample_ids).logits, dense(sample_ids).logits, atol=1e-4, rtol=0)
@@ -122,7 +148,7 @@ def test_export_model_refuses_what_it_cannot_export(models):
         tomoe.save_export(dense, "never-written")
 
 
-@pytest.mark.parametrize("format, fields", [("mixtral", LEGACY_MIXTRAL_FIELDS), ("qwen3_moe", LEGACY_QWEN3_MOE_FIELDS)])
+@pytest.mark.parametrize("format, fields", [("mixtral", LEGACY_MIXTRAL_FIELDS), ("qwen3_moe", LEGACY_QWEN3_MOE_FIELDS), ("qwen2_moe", LEGACY_QWEN2_MOE_FIELDS)])
 def test_stock_config_holds_legacy_fields_next_to_new_ones(exports, models, format, fields, sample_ids):
     written = json.loads((exports / format / "config.json").read_text())
     dense = models[format][0]
@@ -140,6 +166,10 @@ def test_stock_config_holds_legacy_fields_next_to_new_ones(exports, models, form
         assert written["num_experts"] == written["num_local_experts"] == config.num_local_experts == 4
         assert written["head_dim"] == 16 and written["norm_topk_prob"] is True and written["mlp_only_layers"] == []
         assert written["decoder_sparse_step"] == 1 and written["use_sliding_window"] is False
+    elif format == "qwen2_moe":
+        assert written["num_experts"] == config.num_experts == 4 and written["norm_topk_prob"] is True and written["mlp_only_layers"] == []
+        assert written["decoder_sparse_step"] == 1 and written["use_sliding_window"] is False and written["qkv_bias"] is True
+        assert written["hidden_size"] // written["num_attention_heads"] == written.get("head_dim", 16) == 16  # 4.45 derives head_dim
     else:
         assert written["num_local_experts"] == 4 and written["router_jitter_noise"] == 0.0
         assert written["hidden_size"] // written["num_attention_heads"] == written["head_dim"]  # 4.45 derives head_dim
@@ -158,7 +188,7 @@ def test_legacy_fields_of_scaled_rope_and_renamed_keys():
     assert legacy_config_fields({}, {"num_experts": "num_local_experts"}) == {}
 
 
-@pytest.mark.parametrize("format", ["tomoe", "mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("format", ["tomoe", "mixtral", "qwen3_moe", "qwen2_moe"])
 def test_tokenizer_files_name_a_class_every_transformers_knows(exports, smol_tokenizer, format):
     folder = exports / format
     written = json.loads((folder / "tokenizer_config.json").read_text())
@@ -202,7 +232,7 @@ print("round trip ok", type(third).__module__)
     assert "round trip ok transformers_modules" in result.stdout
 
 
-@pytest.mark.parametrize("format, preamble", [("tomoe", "import tomoe"), ("mixtral", NO_TOMOE), ("qwen3_moe", NO_TOMOE)])
+@pytest.mark.parametrize("format, preamble", [("tomoe", "import tomoe"), ("mixtral", NO_TOMOE), ("qwen3_moe", NO_TOMOE), ("qwen2_moe", NO_TOMOE)])
 def test_auto_tokenizer_does_not_ask_for_trust_remote_code(exports, format, preamble):
     script = preamble + f"""
 from transformers import AutoTokenizer
@@ -279,7 +309,7 @@ except tomoe.ToMoEError as error:
     assert not (tmp_path / "r.html").exists()
 
 
-@pytest.mark.parametrize("format", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("format", ["mixtral", "qwen3_moe", "qwen2_moe"])
 def test_report_on_a_stock_export_recovers_the_experts(exports, models, format, tmp_path, smol_tokenizer):
     from tomoe.report import collect
     from tomoe.report.collect import jaccard_matrix, union_coverage
@@ -308,3 +338,81 @@ def test_report_on_a_stock_export_recovers_the_experts(exports, models, format, 
     assert data.routing.experts == [one_hot[0].argmax(-1).tolist() for one_hot, _ in routing.state.routes]
     assert main(["report", str(exports / format), "--out", str(tmp_path / "r.html")]) == 0
     assert "Expert widths" in (tmp_path / "r.html").read_text()
+
+
+def test_qwen2_moe_shared_expert_is_exactly_one_x(models):
+    """sigmoid(0) = 0.5 behind the all-zero shared_expert_gate and a down_proj stored times 2: the gated shared expert
+    is bit for bit the shared channels' MLP, which holds the dense rows of the channels every expert keeps."""
+    dense, routing = models["qwen2_moe"]
+    exported = tomoe.export_model(dense, "qwen2_moe", routing=routing)
+    with torch.no_grad():
+        masks = routing.compute_static_masks().expert_masks
+    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(0))
+    for index, (layer, dense_layer) in enumerate(zip(exported.model.layers, dense.model.layers)):
+        mlp, source = layer.mlp, dense_layer.mlp
+        shared = mlp.shared_expert
+        with torch.no_grad():
+            gate = torch.sigmoid(mlp.shared_expert_gate(x))
+            unscaled = torch.nn.functional.linear(torch.nn.functional.silu(shared.gate_proj(x)) * shared.up_proj(x), shared.down_proj.weight / 2)
+            assert torch.equal(gate, torch.full_like(gate, 0.5))
+            assert torch.equal(gate * shared(x), unscaled)
+        common = masks[index].bool().all(dim=0).nonzero().squeeze(-1)
+        kept = common.numel()
+        assert 0 < kept <= exported.config.shared_expert_intermediate_size
+        assert torch.equal(shared.gate_proj.weight[:kept], source.gate_proj.weight[common])
+        assert torch.equal(shared.up_proj.weight[:kept], source.up_proj.weight[common])
+        assert torch.equal(shared.down_proj.weight[:, :kept], 2 * source.down_proj.weight[:, common])
+        assert not shared.gate_proj.weight[kept:].any() and not shared.down_proj.weight[:, kept:].any()
+        # each routed expert holds its kept channels minus the shared ones
+        remainders = (mlp.experts.down_proj != 0).any(dim=1).sum(dim=-1)
+        assert remainders.tolist() == (masks[index].sum(dim=-1) - kept).int().tolist()
+
+
+def test_qwen2_moe_stores_common_channels_once_and_pads_a_layer_that_shares_none(models, monkeypatch, sample_ids):
+    """Layer 0: the experts share no channel (an all-zero shared expert); layer 1: 96 of each expert's ~100 channels are
+    common. Logits equal the tomoe format's, and the file is well below the Mixtral layout's."""
+    dense, routing = models["mixtral"]
+    with torch.no_grad():
+        state = routing.compute_static_masks()
+    disjoint, overlapping = torch.zeros_like(state.expert_masks[0]), torch.zeros_like(state.expert_masks[1])
+    overlapping[:, :96] = 1
+    for expert in range(4):
+        disjoint[expert, 32 * expert : 32 * expert + 20 + 4 * expert] = 1
+        overlapping[expert, 96 + 8 * expert : 96 + 8 * expert + 2 + expert] = 1
+    state.expert_masks = [disjoint, overlapping]
+    monkeypatch.setattr(routing, "compute_static_masks", lambda: state)
+    ours = tomoe.export_model(dense, "tomoe", routing=routing)
+    stock = tomoe.export_model(dense, "qwen2_moe", routing=routing)
+    mixtral = tomoe.export_model(dense, "mixtral", routing=routing)
+    assert (stock.config.shared_expert_intermediate_size, stock.config.moe_intermediate_size, mixtral.config.intermediate_size) == (96, 32, 104)
+    assert not any(p.any() for p in stock.model.layers[0].mlp.shared_expert.parameters())
+    with torch.no_grad():
+        expected = ours(sample_ids).logits
+        for model in (stock, mixtral):
+            torch.testing.assert_close(model(sample_ids).logits, expected, atol=1e-4, rtol=0)
+    sizes = stock.tomoe_export["weight_bytes"]
+    assert sizes == mixtral.tomoe_export["weight_bytes"]
+    for name, model in (("qwen2_moe", stock), ("mixtral", mixtral)):
+        assert sizes[name] == sum(t.numel() * t.element_size() for t in {id(t): t for t in model.state_dict().values()}.values()), name
+    mlp_bytes = {name: sizes[name] - sizes["dense"] for name in ("qwen2_moe", "mixtral")}  # both hold the dense attention
+    assert sizes["qwen2_moe"] < sizes["mixtral"] and mlp_bytes["qwen2_moe"] < 0.6 * mlp_bytes["mixtral"] + 0.4 * sizes["dense"]
+
+
+def test_qwen2_moe_refuses_what_it_cannot_hold(models):
+    from transformers import MistralConfig
+
+    dense, routing = models["tomoe"]
+    with pytest.raises(ToMoEError, match="--format qwen2_moe needs a run trained with --attention none"):
+        tomoe.export_model(dense, "qwen2_moe", routing=routing)
+    dense, routing = models["qwen3_moe"]
+    with pytest.raises(ToMoEError, match="--format qwen2_moe supports the qwen2, llama family; this run is 'qwen3'"):
+        tomoe.export_model(dense, "qwen2_moe", routing=routing)
+    assert "qwen2_moe" not in tomoe.export_model(dense, "qwen3_moe", routing=routing).tomoe_export["weight_bytes"]
+    biased = routed_model(tiny_llama_config(attention_bias=True))
+    with pytest.raises(ToMoEError, match="--format qwen2_moe cannot hold an o_proj or MLP bias"):
+        tomoe.export_model(*biased[:1], "qwen2_moe", routing=biased[1])
+    assert "qwen2_moe" not in tomoe.export_model(biased[0], "tomoe", routing=biased[1]).tomoe_export["weight_bytes"]
+    windowed = routed_model(MistralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2, head_dim=16, max_position_embeddings=256, sliding_window=8))
+    with pytest.raises(ToMoEError, match="--format qwen2_moe cannot hold this model's sliding-window attention"):
+        tomoe.export_model(windowed[0], "qwen2_moe", routing=windowed[1])

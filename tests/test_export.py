@@ -33,6 +33,7 @@ def runs(tmp_path_factory, tiny_model_dir, tiny_text_file):
     export_run(root / "dynamic", root / "dynamic-moe")
     export_run(root / "dense-attn", root / "dense-attn-moe")
     export_run(root / "dense-attn", root / "dense-attn-mixtral", format="mixtral")
+    export_run(root / "dense-attn", root / "dense-attn-qwen2moe", format="qwen2_moe")
     assert main(["export", str(root / "dynamic"), "--out", str(root / "dynamic-stacked"), "--layout", "stacked"]) == 0
     export_run(root / "dense-attn", root / "dense-attn-stacked", layout="stacked")
     # An old-format export: stacked experts, and a config without the layout fields.
@@ -123,14 +124,15 @@ def test_packed_weights_take_at_most_the_dense_memory(runs, tiny_model_dir, caps
     assert packed <= 1.1 and stacked > 1.5 * packed
     info = model_info(runs / "dynamic-moe")
     assert info["dense_weight_bytes"] == _tensor_bytes(tiny_model_dir)
-    for folder in ("dynamic-stacked", "dense-attn-moe", "dense-attn-mixtral"):  # whatever the layout and attention
+    for folder in ("dynamic-stacked", "dense-attn-moe", "dense-attn-mixtral", "dense-attn-qwen2moe"):  # whatever the layout and attention
         assert model_info(runs / folder)["dense_weight_bytes"] == _tensor_bytes(tiny_model_dir), folder
     assert info["weight_bytes"] == _tensor_bytes(runs / "dynamic-moe")
     assert info["weight_ratio_vs_dense"] <= 1.1 and info["expert_layout"] == "packed"
     assert main(["info", str(runs / "dynamic-moe")]) == 0
     assert f"{info['weight_ratio_vs_dense']:.3f}x the dense model's" in capsys.readouterr().out
     for run, folders in (("dynamic", {"tomoe packed": "dynamic-moe", "tomoe stacked": "dynamic-stacked"}),
-                         ("dense-attn", {"tomoe packed": "dense-attn-moe", "tomoe stacked": "dense-attn-stacked", "mixtral": "dense-attn-mixtral"})):
+                         ("dense-attn", {"tomoe packed": "dense-attn-moe", "tomoe stacked": "dense-attn-stacked", "mixtral": "dense-attn-mixtral",
+                                        "qwen2_moe": "dense-attn-qwen2moe"})):
         sizes = json.loads((runs / folders["tomoe packed"] / "tomoe_export.json").read_text())["weight_bytes"]
         assert sizes["dense"] == _tensor_bytes(tiny_model_dir)
         assert set(sizes) == {"dense", *folders}
@@ -143,9 +145,15 @@ def test_export_prints_the_memory_of_each_layout_before_writing(runs, tmp_path, 
     assert main(["export", str(runs / "dense-attn"), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     lines = {line[:16].strip(): line for line in printed.splitlines() if "x dense" in line}
-    assert set(lines) == {"tomoe packed", "tomoe stacked", "mixtral"}
+    assert set(lines) == {"tomoe packed", "tomoe stacked", "mixtral", "qwen2_moe"}
     assert "<- writing" in lines["tomoe packed"] and "<- writing" not in lines["tomoe stacked"]
     assert printed.index("x dense") < printed.index("exported")
+    assert main(["export", str(runs / "dense-attn"), "--out", str(tmp_path / "q"), "--format", "qwen2_moe", "--pad-to", "32"]) == 0
+    printed = capsys.readouterr().out
+    lines = {line[:16].strip(): line for line in printed.splitlines() if "x dense" in line}
+    assert "<- writing" in lines["qwen2_moe"] and "<- writing" not in lines["mixtral"] and "(qwen2_moe format)" in printed
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["moe_intermediate_size"] % 32 == 0 and config["shared_expert_intermediate_size"] % 32 == 0
     assert main(["export", str(runs / "dense-attn"), "--out", str(tmp_path / "m"), "--format", "mixtral", "--layout", "stacked"]) == 2
     assert "--layout applies to --format tomoe" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
@@ -211,6 +219,20 @@ def test_mixtral_export_loads_as_stock_mixtral_and_matches(runs, sample_ids):
     stored = -(-max(widths) // 8) * 8
     assert mixtral.config.intermediate_size == stored
     assert info["padding_params"] == 3 * 64 * 4 * sum(stored - w for w in widths)
+
+
+def test_qwen2_moe_export_loads_as_stock_qwen2_moe_and_matches(runs, sample_ids):
+    stock = AutoModelForCausalLM.from_pretrained(runs / "dense-attn-qwen2moe")
+    assert type(stock).__name__ == "Qwen2MoeForCausalLM" and stock.config.num_experts_per_tok == 1
+    ours = AutoModelForCausalLM.from_pretrained(runs / "dense-attn-moe")
+    with torch.no_grad():
+        torch.testing.assert_close(stock(sample_ids).logits, ours(sample_ids).logits, atol=1e-4, rtol=0)
+    info = model_info(runs / "dense-attn-qwen2moe")
+    # every expert's channels: its routed remainder plus the layer's shared channels, as the tomoe export holds them
+    packed = model_info(runs / "dense-attn-moe")
+    assert [entry["expert_widths"] for entry in info["layers"]] == [entry["expert_widths"] for entry in packed["layers"]]
+    assert info["format"] == "qwen2_moe" and info["decoder_active_ratio"] == pytest.approx(packed["decoder_active_ratio"], rel=1e-9)
+    assert all(0 < entry["shared_width"] <= stock.config.shared_expert_intermediate_size for entry in info["layers"])
 
 
 def test_info_active_ratio_matches_brute_force_count(runs, capsys):

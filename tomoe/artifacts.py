@@ -80,7 +80,7 @@ def _config_model_type(folder: Path) -> str | None:
 
 def load_export(model_dir: str | Path):
     """``(model, format)`` of a folder written by `tomoe export`, in eval mode: format is ``tomoe`` or a stock layout
-    (``mixtral``, ``qwen3_moe``). Any other folder is refused in one line."""
+    (``mixtral``, ``qwen3_moe``, ``qwen2_moe``). Any other folder is refused in one line."""
     artifact = identify(model_dir)
     if not (artifact.path / "config.json").is_file():
         raise ToMoEError(f"{model_dir} is not a model folder (no config.json); pass the --out folder of `tomoe export`.")

@@ -35,13 +35,14 @@ def export_geometry(model, kind: str, model_dir: Path) -> Geometry:
     return dataclasses.replace(geometry, intermediate_size=intermediate)
 
 
-def dense_parameter_counts(model, geometry: Geometry) -> tuple[int, int]:
+def dense_parameter_counts(model, geometry: Geometry, added: int = 0) -> tuple[int, int]:
     """(whole dense model, its decoder-block linear weights) of the base the export came from.
 
     The whole model is the export's parameters with what the export added taken out (the MLP routers, the V/O
-    routers) and what it sliced put back at its dense size (every MLP, the query/key rows of pruned attention).
+    routers, ``added``: the export metadata's ``added_params``, e.g. the zero q/k/v biases of a Llama model's
+    qwen2_moe layout) and what it sliced put back at its dense size (every MLP, the query/key rows of pruned attention).
     """
-    total = sum(p.numel() for p in model.parameters())  # a tied embedding once, as in the dense model
+    total = sum(p.numel() for p in model.parameters()) - added  # a tied embedding once, as in the dense model
     for layer in model.model.layers:
         total -= _numel(layer.mlp)  # experts and router
         attention = layer.self_attn
@@ -62,7 +63,17 @@ def _decoder_weights(layer) -> int:
     attention = layer.self_attn
     # q/k/v/o, or a family's fused qkv_proj + o_proj when attention stayed dense
     projections = [attention.get_submodule(name) for name in ATTENTION_PROJECTIONS if hasattr(attention, name)]
+    shared = getattr(layer.mlp, "shared_expert", None)  # qwen2_moe
+    projections += [shared.gate_proj, shared.up_proj, shared.down_proj] if shared is not None else []
     return experts.gate_up_proj.numel() + experts.down_proj.numel() + sum(p.weight.numel() for p in projections)
+
+
+def _shared_expert_widths(layer) -> tuple[int, int]:
+    """(channels that are not zero padding, channels stored) of a qwen2_moe layer's shared expert; (0, 0) without one."""
+    shared = getattr(layer.mlp, "shared_expert", None)
+    if shared is None:
+        return 0, 0
+    return int((shared.down_proj.weight != 0).any(dim=0).sum()), shared.down_proj.weight.shape[1]
 
 
 @torch.no_grad()
@@ -70,7 +81,7 @@ def model_info(model_dir: str | Path, text: str | None = None) -> dict:
     model, kind = load_export(model_dir)
     config = model.config
     geometry = export_geometry(model, kind, Path(model_dir))
-    dense_total, dense_decoder = dense_parameter_counts(model, geometry)
+    dense_total, dense_decoder = dense_parameter_counts(model, geometry, identify(model_dir).export_metadata().get("added_params", 0))
 
     # Route the sample text and count, per token, the weights it actually uses.
     routed: dict[int, torch.Tensor] = {}
@@ -89,18 +100,25 @@ def model_info(model_dir: str | Path, text: str | None = None) -> dict:
     tokens = input_ids.numel()
     per_token_decoder = torch.zeros(tokens, dtype=torch.float64)
     layers = []
+    padding = 0
     for index, layer in enumerate(model.model.layers):
         experts = layer.mlp.experts
-        useful = _useful_widths(experts)  # (N,) channels that are not zero padding
+        routed_useful = _useful_widths(experts)  # (N,) channels that are not zero padding
+        common, common_stored = _shared_expert_widths(layer)  # qwen2_moe: the channels every expert keeps
+        useful = routed_useful + common
         qk = getattr(layer.self_attn, "qk_dim", geometry.head_dim)  # a stock or dense attention keeps every dim
         vo = config.vo_topk[index] if kind == "tomoe" else geometry.head_dim
         per_token_decoder += geometry.layer_params(useful[routed[index]], qk, vo).double()
         layers.append({"layer": index, "expert_widths": useful.tolist(), "stored_width": _stored_width(experts), "qk_dims": qk, "vo_topk": vo})
+        if common_stored:
+            layers[-1]["shared_width"] = common
+        if not _is_packed(config):  # channels stored only to give every expert (and the shared expert) one width
+            padding += geometry.mlp_params(_stored_width(experts) - int(routed_useful.max())) * len(routed_useful)
+            padding += geometry.mlp_params(common_stored - common)
     stored_decoder = sum(_decoder_weights(layer) for layer in model.model.layers)
     total = sum(p.numel() for p in model.parameters())
     shared = total - stored_decoder  # embeddings, norms, routers: used by every token
     per_token = per_token_decoder + shared
-    padding = 0 if _is_packed(config) else sum(geometry.mlp_params(entry["stored_width"] - max(entry["expert_widths"])) for entry in layers) * config.num_experts
     weight_bytes, element_size = weight_file_bytes(Path(model_dir))
     return {
         "model_dir": str(model_dir),

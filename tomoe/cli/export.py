@@ -18,7 +18,9 @@ def register(subparsers) -> None:
         "gate/up/down channels (--layout packed stores each kept channel once), Q/K are sliced, routing is deterministic. 'tomoe' format: loads with AutoModelForCausalLM "
         "after `import tomoe`, or with trust_remote_code=True without tomoe. 'mixtral' format (Llama/Mistral runs trained "
         "with --attention none): the stock MixtralForCausalLM layout. 'qwen3_moe' format (Qwen3 runs trained with "
-        "--attention none): the stock Qwen3MoeForCausalLM layout. Stock layouts store every expert at one width, "
+        "--attention none): the stock Qwen3MoeForCausalLM layout. 'qwen2_moe' format (Qwen2/Llama runs trained with "
+        "--attention none): the stock Qwen2MoeForCausalLM layout, the channels every expert of a layer keeps stored once "
+        "as its shared expert and each routed expert holding the rest of its channels. Stock layouts store every expert at one width, "
         "zero-padded up to a multiple of --pad-to; their config and tokenizer files also load with transformers 4.x.",
     )
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished `tomoe convert` run directory")

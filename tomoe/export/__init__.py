@@ -7,8 +7,8 @@ transformers is imported), and registers the classes *for* the Auto classes (``r
 loads with ``trust_remote_code=True`` without tomoe.
 
 Modules, bottom-up: ``configuration_tomoe``, ``kernels`` and ``modeling_tomoe`` (the tomoe model type; every tomoe
-export folder carries a copy as its remote code), ``packing`` (a packed MLP's channel ranges), ``mixtral`` and
-``qwen3_moe`` (the stock layouts), ``build`` (``export_model``: masks -> experts, in memory), ``compat`` and
+export folder carries a copy as its remote code), ``packing`` (a packed MLP's channel ranges), ``mixtral``,
+``qwen3_moe`` and ``qwen2_moe`` (the stock layouts), ``build`` (``export_model``: masks -> experts, in memory), ``compat`` and
 ``folder`` (``save_export``, ``export_run``: the model folder).
 """
 

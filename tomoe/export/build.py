@@ -11,7 +11,7 @@ import torch
 
 from tomoe.errors import ToMoEError
 from tomoe.export.configuration_tomoe import EXPERT_LAYOUTS, TomoeConfig
-from tomoe.export.mixtral import DEFAULT_PAD_TO, check_pad_to, padded_width
+from tomoe.export.mixtral import DEFAULT_PAD_TO, check_pad_to
 from tomoe.export.modeling_tomoe import TomoeForCausalLM
 from tomoe.export.packing import pack_channels
 from tomoe.export_formats import EXPORT_FORMATS
@@ -25,17 +25,25 @@ DROPPED_BASE_KEYS = ("quantization_config", "_name_or_path", "architectures", "a
 
 
 class _StockFormat:
-    """A stock transformers MoE layout: ``check(attention, family)`` refuses routing it cannot hold, ``build`` makes
-    the model, ``legacy_aliases`` are the 4.x names of its config values that 5.x renamed."""
+    """A stock transformers MoE layout: ``check(attention, family)`` refuses routing it cannot hold, ``config``
+    makes its config (refusing a base model it cannot hold), ``build`` makes the model, ``model_class`` is its
+    transformers class, ``legacy_aliases`` are the 4.x names of its config values that 5.x renamed."""
 
-    def __init__(self, module: str, check: str, build: str):
-        self.module, self._check, self._build = module, check, build
+    def __init__(self, module: str, check: str, build: str, config: str, model_class: str):
+        self.module, self._check, self._build, self._config, self._model_class = module, check, build, config, model_class
 
     def check(self, attention: str, family: str) -> None:
         getattr(importlib.import_module(self.module), self._check)(attention, family)
 
     def build(self, dense, routing, state, pad_to: int):
         return getattr(importlib.import_module(self.module), self._build)(dense, routing, state, pad_to)
+
+    def config(self, dense, routing, state, pad_to: int):
+        return getattr(importlib.import_module(self.module), self._config)(dense, routing, state, pad_to)
+
+    @property
+    def model_class(self):
+        return getattr(importlib.import_module("transformers"), self._model_class)
 
     @property
     def legacy_aliases(self) -> dict[str, str]:
@@ -48,8 +56,9 @@ class _StockFormat:
 
 
 STOCK_FORMATS = {
-    "mixtral": _StockFormat("tomoe.export.mixtral", "check_mixtral_compatible", "build_mixtral"),
-    "qwen3_moe": _StockFormat("tomoe.export.qwen3_moe", "check_qwen3_moe_compatible", "build_qwen3_moe"),
+    "mixtral": _StockFormat("tomoe.export.mixtral", "check_mixtral_compatible", "build_mixtral", "mixtral_config", "MixtralForCausalLM"),
+    "qwen3_moe": _StockFormat("tomoe.export.qwen3_moe", "check_qwen3_moe_compatible", "build_qwen3_moe", "qwen3_moe_config", "Qwen3MoeForCausalLM"),
+    "qwen2_moe": _StockFormat("tomoe.export.qwen2_moe", "check_qwen2_moe_compatible", "build_qwen2_moe", "qwen2_moe_config", "Qwen2MoeForCausalLM"),
 }
 
 
@@ -80,7 +89,8 @@ def export_model(source, format: str = "tomoe", *, routing: ToMoERouting | None 
 
     ``source``: a finished run directory, or a dense model with ToMoE routing attached (``routing``, else the
     ``tomoe_routing`` that :func:`tomoe.run.load_run_for_inference` sets). ``format``: ``tomoe`` (a
-    ``TomoeForCausalLM``), ``mixtral`` or ``qwen3_moe`` (the stock transformers classes); ``pad_to``: the multiple
+    ``TomoeForCausalLM``), ``mixtral``, ``qwen3_moe`` or ``qwen2_moe`` (the stock transformers classes; qwen2_moe
+    stores the channels every expert of a layer keeps once, as its shared expert); ``pad_to``: the multiple
     the stock layouts round their one expert width up to (default 8); ``layout``: how the tomoe format stores its
     experts, ``packed`` (default: each MLP's kept channels once, at most the dense model's memory) or ``stacked``
     (every expert its own slices). The dense model is left as it was. ``model.tomoe_export["weight_bytes"]`` holds
@@ -116,7 +126,8 @@ def export_model(source, format: str = "tomoe", *, routing: ToMoERouting | None 
         routing.train(was_training)
     model.generation_config = copy.deepcopy(dense.generation_config)
     model.tomoe_export = {"format": format, **metadata, "dense_intermediate_size": routing.geometry.intermediate_size, "pad_to": pad_to or DEFAULT_PAD_TO if stock else None,
-                          "layout": (layout or "packed") if stock is None else None, "weight_bytes": weight_bytes}
+                          "layout": (layout or "packed") if stock is None else None, "weight_bytes": weight_bytes,
+                          "added_params": _added_params(model, dense) if stock else 0}
     return model
 
 
@@ -131,7 +142,7 @@ def check_layout(format: str, layout: str | None) -> None:
 
 def layout_weight_bytes(dense, routing: ToMoERouting, state: ForwardState, pad_to: int) -> dict[str, int]:
     """Weight bytes (parameters and saved buffers, in the dense dtype) of the dense model and of every layout the
-    routing can be exported as: ``tomoe packed``, ``tomoe stacked`` and the stock formats whose checks it passes.
+    routing can be exported as: ``tomoe packed``, ``tomoe stacked`` and the stock formats that can hold the routing and the base model.
     Counted from the layouts' shapes (a model on the meta device), nothing is allocated."""
     sizes = {"dense": _tensor_bytes(dense, dense.dtype)}
     packed = [ranges for _, ranges in (pack_channels(masks) for masks in state.expert_masks)]
@@ -139,17 +150,15 @@ def layout_weight_bytes(dense, routing: ToMoERouting, state: ForwardState, pad_t
         with torch.device("meta"):
             model = TomoeForCausalLM(exported_config(dense, routing, state, ranges))
         sizes[f"tomoe {layout}"] = _tensor_bytes(model, dense.dtype)
-    geometry, element = routing.geometry, dense.dtype.itemsize
-    num_experts, hidden = routing.config.num_experts, geometry.hidden_size
-    dense_mlp = geometry.mlp_params(geometry.intermediate_size) * geometry.num_layers * element
     for name, stock in STOCK_FORMATS.items():
         try:
             stock.check(routing.config.attention, routing.family.name)
+            config = stock.config(dense, routing, state, pad_to)
         except ToMoEError:
             continue
-        width = padded_width(state, pad_to)
-        experts = geometry.num_layers * num_experts * (geometry.mlp_params(width) + hidden) * element  # + the router
-        sizes[name] = sizes["dense"] - dense_mlp + experts
+        with torch.device("meta"):
+            model = stock.model_class(config)
+        sizes[name] = _tensor_bytes(model, dense.dtype)
     return sizes
 
 
@@ -164,6 +173,13 @@ def format_weight_bytes(metadata: dict) -> str:
             mark = "  <- writing" if name == chosen else ""
             lines.append(f"  {name:<14} {size / 2**20:>10,.1f} MiB  {size / sizes['dense']:5.2f}x dense{mark}")
     return "\n".join(lines)
+
+
+def _added_params(model, dense) -> int:
+    """Parameters outside the MLPs that a stock layout holds and the dense model lacks (all zero, e.g. the q/k/v
+    biases of a Llama model's qwen2_moe layout): ``tomoe info`` takes them out of the dense model's size."""
+    own = dense.state_dict()
+    return sum(p.numel() for name, p in model.named_parameters() if ".mlp." not in name and name not in own)
 
 
 def _tensor_bytes(model, dtype: torch.dtype) -> int:

@@ -47,7 +47,13 @@ def check_pad_to(pad_to: int) -> None:
 
 def padded_width(state: ForwardState, pad_to: int = DEFAULT_PAD_TO) -> int:
     """The one expert width of a stock MoE: the widest expert of the model, rounded up to a multiple of ``pad_to``."""
-    widest = max(int(masks.sum(dim=-1).max()) for masks in state.expert_masks)
+    return widest_padded(state.expert_masks, pad_to)
+
+
+def widest_padded(masks: list, pad_to: int = DEFAULT_PAD_TO, minimum: int = 0) -> int:
+    """The most channels any of ``masks`` (0/1 tensors, channels last) keeps, at least ``minimum``, rounded up to a
+    multiple of ``pad_to``."""
+    widest = max([minimum] + [int(mask.sum(dim=-1).max()) for mask in masks])
     return -(-widest // pad_to) * pad_to
 
 
@@ -57,17 +63,19 @@ def load_shared_weights(model, dense) -> None:
     model.load_state_dict({k: v for k, v in dense.state_dict().items() if k in own and own[k].shape == v.shape}, strict=False)
 
 
-def fill_padded_experts(dense, routing: ToMoERouting, state: ForwardState, model, width: int) -> None:
+def fill_padded_experts(dense, routing: ToMoERouting, state: ForwardState, model, width: int, expert_masks: list | None = None) -> None:
     """Write router and zero-padded experts into a stock MoE whose layers hold ``mlp.gate`` and ``mlp.experts``
-    (``gate_up_proj`` (N, 2 * width, d) = gate rows then up rows, ``down_proj`` (N, d, width))."""
+    (``gate_up_proj`` (N, 2 * width, d) = gate rows then up rows, ``down_proj`` (N, d, width)). ``expert_masks``
+    (per layer, (N, intermediate)): the channels each expert holds, by default the state's masks."""
     family = routing.family
+    expert_masks = state.expert_masks if expert_masks is None else expert_masks
     for index, (dense_layer, layer) in enumerate(zip(family.decoder_layers(dense), model.model.layers)):
         gate, up, down = family.mlp_weights(family.mlp_module(dense_layer))
         layer.mlp.gate.weight.copy_(routing.mlp[index].router.weight)
         experts = layer.mlp.experts
         experts.gate_up_proj.zero_()
         experts.down_proj.zero_()
-        for expert, mask in enumerate(state.expert_masks[index]):
+        for expert, mask in enumerate(expert_masks[index]):
             channels = mask.nonzero().squeeze(-1)
             kept = channels.numel()
             experts.gate_up_proj[expert, :kept] = gate[channels]
@@ -75,22 +83,27 @@ def fill_padded_experts(dense, routing: ToMoERouting, state: ForwardState, model
             experts.down_proj[expert, :, :kept] = down[:, channels]
 
 
-def build_mixtral(dense, routing: ToMoERouting, state: ForwardState, pad_to: int = DEFAULT_PAD_TO):
-    from transformers import MixtralConfig, MixtralForCausalLM
+def mixtral_config(dense, routing: ToMoERouting, state: ForwardState, pad_to: int = DEFAULT_PAD_TO):
+    from transformers import MixtralConfig
 
     base = dense.config
     if getattr(base, "attention_bias", False) or getattr(base, "mlp_bias", False):
         raise ToMoEError("--format mixtral cannot hold attention or MLP biases; use --format tomoe for this model.")
-    width = padded_width(state, pad_to)
     values = {name: getattr(base, name) for name in SHARED_FIELDS if hasattr(base, name)}
-    config = MixtralConfig(
+    return MixtralConfig(
         **values,
-        intermediate_size=width,
+        intermediate_size=padded_width(state, pad_to),
         num_local_experts=routing.config.num_experts,
         num_experts_per_tok=1,
         router_jitter_noise=0.0,
     )
+
+
+def build_mixtral(dense, routing: ToMoERouting, state: ForwardState, pad_to: int = DEFAULT_PAD_TO):
+    from transformers import MixtralForCausalLM
+
+    config = mixtral_config(dense, routing, state, pad_to)
     model = MixtralForCausalLM(config).to(dense.dtype)
     load_shared_weights(model, dense)
-    fill_padded_experts(dense, routing, state, model, width)
+    fill_padded_experts(dense, routing, state, model, config.intermediate_size)
     return model.eval()

@@ -32,20 +32,19 @@ def check_qwen3_moe_compatible(attention: str, family: str) -> None:
     check_dense_attention_run(attention, family, "qwen3_moe", FAMILIES, "Qwen3-MoE")
 
 
-def build_qwen3_moe(dense, routing: ToMoERouting, state: ForwardState, pad_to: int = DEFAULT_PAD_TO):
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+def qwen3_moe_config(dense, routing: ToMoERouting, state: ForwardState, pad_to: int = DEFAULT_PAD_TO):
+    from transformers import Qwen3MoeConfig
 
     base = dense.config
     layer_types = getattr(base, "layer_types", None) or []
     if getattr(base, "use_sliding_window", False) and "sliding_attention" in layer_types:
         # Qwen3-MoE applies one sliding window to every layer; Qwen3 chooses per layer.
         raise ToMoEError("--format qwen3_moe cannot hold Qwen3's per-layer sliding-window attention; use --format tomoe for this model.")
-    width = padded_width(state, pad_to)
     values = {name: getattr(base, name) for name in SHARED_FIELDS if hasattr(base, name)}
-    config = Qwen3MoeConfig(
+    return Qwen3MoeConfig(
         **values,
         intermediate_size=base.intermediate_size,  # dense MLP width; unused since every layer is sparse
-        moe_intermediate_size=width,
+        moe_intermediate_size=padded_width(state, pad_to),
         num_experts=routing.config.num_experts,
         num_experts_per_tok=1,
         norm_topk_prob=True,
@@ -53,7 +52,13 @@ def build_qwen3_moe(dense, routing: ToMoERouting, state: ForwardState, pad_to: i
         mlp_only_layers=[],
         use_sliding_window=False,
     )
+
+
+def build_qwen3_moe(dense, routing: ToMoERouting, state: ForwardState, pad_to: int = DEFAULT_PAD_TO):
+    from transformers import Qwen3MoeForCausalLM
+
+    config = qwen3_moe_config(dense, routing, state, pad_to)
     model = Qwen3MoeForCausalLM(config).to(dense.dtype)
     load_shared_weights(model, dense)
-    fill_padded_experts(dense, routing, state, model, width)
+    fill_padded_experts(dense, routing, state, model, config.moe_intermediate_size)
     return model.eval()

@@ -143,7 +143,7 @@ def collect(source: str | Path, text_file: str | Path | None = None) -> ReportDa
 def collect_exported(model_dir: Path, text_file: str | Path | None = None) -> ReportData:
     """ReportData of a folder written by ``tomoe export``, read from its experts and routers.
 
-    A stock layout (``mixtral``, ``qwen3_moe``) keeps attention dense and stores no channel indices: each expert's
+    A stock layout (``mixtral``, ``qwen3_moe``, ``qwen2_moe``) keeps attention dense and stores no channel indices: each expert's
     channels are its rows that are not zero padding, and two experts share a dense channel when they hold the same
     gate and up rows (the rows are copies of the dense model's), which is all that overlap and coverage need.
     """
@@ -178,6 +178,8 @@ def collect_exported(model_dir: Path, text_file: str | Path | None = None) -> Re
     details = {"exported from": str(exported.get("run")), "format": kind, "base model type": base_type}
     if kind != "tomoe":
         details["expert width stored"] = f"{_stored_width(model)} (zero-padded to a multiple of {exported.get('pad_to') or 8})"
+        if kind == "qwen2_moe":
+            details["shared expert width stored"] = str(config.shared_expert_intermediate_size)
     else:
         details["expert layout"] = getattr(config, "expert_layout", "stacked")
     weight_bytes, element_size = weight_file_bytes(model_dir)
@@ -197,7 +199,7 @@ def collect_exported(model_dir: Path, text_file: str | Path | None = None) -> Re
         active_ratio=float(np.mean(layer_active)),
         routing=TokenRouting(pieces, [routed[i] for i in range(len(masks))], caption, truncated),
         details=details,
-        weights_vs_dense=weight_bytes / (dense_parameter_counts(model, geometry)[0] * element_size),
+        weights_vs_dense=weight_bytes / (dense_parameter_counts(model, geometry, exported.get("added_params", 0))[0] * element_size),
     )
 
 
@@ -219,7 +221,8 @@ def _tomoe_structure(model, geometry):
 
 
 def _stock_structure(model, geometry):
-    """The same for a stock layout (attention dense), channels identified by their gate and up rows."""
+    """The same for a stock layout (attention dense), channels identified by their gate and up rows (a qwen2_moe
+    shared expert's channels belong to every expert of its layer)."""
     dense_intermediate_size = geometry.intermediate_size
     masks = []
     for layer in model.model.layers:
@@ -227,11 +230,18 @@ def _stock_structure(model, geometry):
         width = experts.gate_up_proj.shape[1] // 2
         ids: dict[bytes, int] = {}
         mask = np.zeros((experts.gate_up_proj.shape[0], dense_intermediate_size), dtype=bool)
+        shared = getattr(layer.mlp, "shared_expert", None)  # qwen2_moe: the channels every expert keeps
+        common = []
+        if shared is not None:
+            useful = (shared.down_proj.weight != 0).any(dim=0).nonzero().squeeze(-1)
+            common = [ids.setdefault(row.tobytes(), len(ids))
+                      for row in torch.cat([shared.gate_proj.weight[useful], shared.up_proj.weight[useful]], dim=-1).cpu().numpy()]
         for expert in range(mask.shape[0]):
             useful = (experts.down_proj[expert] != 0).any(dim=0).nonzero().squeeze(-1)  # zero padding holds nothing
             rows = torch.cat([experts.gate_up_proj[expert, useful], experts.gate_up_proj[expert, width + useful]], dim=-1)
             for row in rows.cpu().numpy():
                 mask[expert, ids.setdefault(row.tobytes(), len(ids))] = True
+            mask[expert, common] = True
         masks.append(mask)
     head = geometry.head_dim
     return masks, [head] * len(masks), [head] * len(masks), [int(m.sum(axis=1).max()) for m in masks]
