@@ -3,7 +3,8 @@
 Exports a pruned model as ``MixtralForCausalLM`` (SmolLM2-135M with random expert masks, or ``--run``) and as
 ``Qwen3MoeForCausalLM`` (a small random Qwen3 with ToMoE routing; see ``serving_exports.py``), converts each with
 ``convert_hf_to_gguf.py`` from the ``llama-cpp-python`` source distribution (``vendor/llama.cpp``, with the ``gguf``
-package of the same tree, run by this environment's python: it needs torch, transformers, safetensors, numpy)
+package of the same tree; it needs torch, transformers, safetensors, numpy and sentencepiece, so it runs in a venv
+over this environment's packages with sentencepiece added)
 
 * to f32 and Q8_0 from an export made with ``--pad-to 32`` (Q8_0 blocks are 32 values of a row; an expert's
   ``down_proj`` rows run along the expert width), and
@@ -14,7 +15,7 @@ records which GGML type each expert tensor got, then runs greedy generation with
 ``llama-cpp-python`` built from the same source in a throw-away venv) on transformers' prompt token ids and compares
 20 tokens on 3 prompts, and llama.cpp's tokenization of the prompts, with transformers in this environment.
 
-    nice -n 19 python scripts/check_llama_cpp.py [--venv /tmp/venv-llama] [--sdist FILE.tar.gz] [--run RUN_DIR]
+    nice -n 19 python scripts/check_llama_cpp.py [--venv /tmp/venv-llama] [--converter-venv DIR] [--sdist FILE.tar.gz] [--run RUN_DIR]
 
 Writes ``benchmarks/results/llama_cpp_check.{json,md}``. Needs PyPI for the source distribution and the venv, or
 ``--sdist`` and a ``--venv`` that has llama_cpp. Building llama-cpp-python takes ~16 minutes of 2 cores (no prebuilt
@@ -96,12 +97,22 @@ def ensure_venv(venv: Path, sdist: Path) -> Path:
     return python
 
 
+def ensure_converter(venv: Path) -> Path:
+    """A venv over this environment's packages (torch, transformers) plus ``sentencepiece``, which the converter imports
+    for Llama-family vocabularies before it looks for a ``tokenizer.model`` (and falls back to the BPE ``tokenizer.json``)."""
+    python = venv / "bin" / "python"
+    if not (python.exists() and subprocess.run([str(python), "-c", "import sentencepiece, torch, transformers"], capture_output=True).returncode == 0):
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+        subprocess.run(["nice", "-n", "19", str(python), "-m", "pip", "install", "-q", "sentencepiece"], check=True)
+    return python
+
+
 def converter_env(llama_cpp_dir: Path) -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(llama_cpp_dir / "gguf-py"), os.environ.get("PYTHONPATH")]))}
 
 
-def convert(llama_cpp_dir: Path, folder: Path, outtype: str, outfile: Path) -> str | None:
-    result = subprocess.run(["nice", "-n", "19", sys.executable, str(llama_cpp_dir / "convert_hf_to_gguf.py"), str(folder), "--outtype", outtype,
+def convert(converter: Path, llama_cpp_dir: Path, folder: Path, outtype: str, outfile: Path) -> str | None:
+    result = subprocess.run(["nice", "-n", "19", str(converter), str(llama_cpp_dir / "convert_hf_to_gguf.py"), str(folder), "--outtype", outtype,
                              "--outfile", str(outfile)], capture_output=True, text=True, env=converter_env(llama_cpp_dir))
     return None if result.returncode == 0 else f"convert_hf_to_gguf.py exit {result.returncode}: {result.stderr.strip().splitlines()[-1][:400]}"
 
@@ -163,6 +174,8 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--venv", default="/tmp/venv-llama", help="venv with llama_cpp (built when missing; default /tmp/venv-llama)")
+    parser.add_argument("--converter-venv", default="/tmp/venv-gguf-convert",
+                        help="venv that runs convert_hf_to_gguf.py: this environment's packages plus sentencepiece (made when missing)")
     parser.add_argument("--sdist", help="the llama-cpp-python source distribution (default: downloaded)")
     parser.add_argument("--run", help="export this finished Llama-family run (trained with --attention none) as the Mixtral model "
                         "instead of SmolLM2-135M with random expert masks")
@@ -175,6 +188,7 @@ def main() -> int:
             archive.extractall(work / "src", filter="data")
         llama_cpp_dir = next((work / "src").glob("llama_cpp_python-*")) / "vendor" / "llama.cpp"
         python = ensure_venv(Path(args.venv), sdist)
+        converter = ensure_converter(Path(args.converter_venv))
         run_dir = Path(args.run) if args.run else None
         exports = build_exports(work / "exports", sorted({pad for _, pad, _ in VARIANTS}), run_dir)
         references = {(format, pad): reference_greedy(folders[format]) for pad, folders in exports.items() for format in FORMATS}
@@ -186,10 +200,10 @@ def main() -> int:
                 row = {"format": format, "model": model, "gguf": name, "pad_to": pad, "shape": expert_shape(folder)}
                 gguf_file = work / f"{format}-pad{pad}-{name}.gguf"
                 if how == "convert":
-                    error = convert(llama_cpp_dir, folder, name, gguf_file)
+                    error = convert(converter, llama_cpp_dir, folder, name, gguf_file)
                 else:
                     f32 = work / f"{format}-pad{pad}-f32.gguf"
-                    error = convert(llama_cpp_dir, folder, "f32", f32)
+                    error = convert(converter, llama_cpp_dir, folder, "f32", f32)
                     if error is None:
                         code, _, stderr = run_child(python, "quantize", str(f32), str(gguf_file))
                         error = None if code == 0 else f"llama_model_quantize exit {code}: {stderr.strip()[-300:]}"
