@@ -54,7 +54,9 @@ if sys.argv[1] == "quantize":
     sys.exit(llama_cpp.llama_model_quantize(sys.argv[2].encode(), sys.argv[3].encode(), ctypes.byref(params)))
 
 path, prompts, ids, new_tokens = sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4]), int(sys.argv[5])
-llm = llama_cpp.Llama(model_path=path, n_ctx=256, logits_all=True, n_threads=2, seed=0, verbose=False)
+# An f32 KV cache (llama.cpp's default is f16), so that only the GGUF's weight type differs from transformers.
+llm = llama_cpp.Llama(model_path=path, n_ctx=256, logits_all=True, n_threads=2, seed=0, verbose=False,
+                      type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
 out = {"llama_cpp_python": llama_cpp.__version__, "ids": [llm.tokenize(p.encode(), add_bos=True, special=True) for p in prompts],
        "greedy": [], "first_logits": []}
 for row in ids:
@@ -134,7 +136,8 @@ def generate(python: Path, gguf_file: Path, reference: dict) -> dict:
         return {"error": f"exit {code}: {stderr.strip().splitlines()[-1][:400] if stderr.strip() else 'no output'}"}
     out = json.loads(lines[-1][len("RESULT "):])
     diffs = [max(abs(a - b) for a, b in zip(row, ref)) for row, ref in zip(out.pop("first_logits"), reference["first_logits"])]
-    return {**out, "max_abs_first_logit_diff": max(diffs), "same_prompt_ids": out["ids"] == reference["ids"],
+    scale = max(max(row) - min(row) for row in reference["first_logits"])
+    return {**out, "max_abs_first_logit_diff": max(diffs), "reference_first_logit_range": scale, "same_prompt_ids": out["ids"] == reference["ids"],
             "agreement": agreement(out["greedy"], reference["greedy"])}
 
 
@@ -149,11 +152,12 @@ def write_results(payload: dict) -> None:
         f"llama.cpp through llama-cpp-python built from the same source, on transformers' prompt token ids; the reference "
         f"is transformers {payload['reference_transformers']} (greedy loop, KV cache). {len(PROMPTS)} prompts x "
         f"{NEW_TOKENS} tokens. *expert tensor types*: GGML type of the `ffn_gate/up/down_exps` tensors in the GGUF; "
-        "*logit diff*: max abs difference of the first generated position's logits; *common prefix*: tokens per prompt "
+        "*logit diff*: max abs difference of the first generated position's logits (KV cache in f32), and transformers' "
+        "logit range (max - min) there; *common prefix*: tokens per prompt "
         "before the first difference; *same prompt ids*: llama.cpp's own tokenization of the prompt text equals transformers'.",
         "",
-        "| format | model | GGUF | export --pad-to | experts x width | expert tensor types | same prompt ids | logit diff | same tokens | common prefix |",
-        "|---|---|---|---:|---|---|---|---:|---:|---|",
+        "| format | model | GGUF | export --pad-to | experts x width | expert tensor types | same prompt ids | logit diff (range) | same tokens | common prefix |",
+        "|---|---|---|---:|---|---|---|---|---:|---|",
     ]
     for row in payload["rows"]:
         shape = row["shape"]
@@ -163,8 +167,18 @@ def write_results(payload: dict) -> None:
             continue
         types = ", ".join(f"{k} {v}" for k, v in sorted(row["tensor_types"].get("experts", {}).items()))
         a = row["agreement"]
-        lines.append(head + f"{types} | {'yes' if row['same_prompt_ids'] else '**no**'} | {row['max_abs_first_logit_diff']:.2e} | "
+        lines.append(head + f"{types} | {'yes' if row['same_prompt_ids'] else '**no**'} | {row['max_abs_first_logit_diff']:.2e} ({row['reference_first_logit_range']:.1f}) | "
                      f"{a['same_tokens']}/{a['total_tokens']} | {', '.join(map(str, a['common_prefix']))} |")
+    lines += [
+        "",
+        "Q4_K_M: K-quant blocks are 256 values of a row, so with `--pad-to 256` every expert `down_proj` (rows along the "
+        "expert width) is a K-quant (Q4_K_M puts Q6_K in some layers' `down` on purpose); `gate`/`up` rows run along the "
+        "hidden size, and SmolLM2's 576 is no multiple of 256, so llama.cpp stores those as Q5_0 (Qwen3's 256 is). The f32 "
+        "rows check the conversion; the quantized rows' larger differences are quantization error on models whose "
+        "routers and masks are random (not trained): with top-1 routing an error that flips a token's expert changes "
+        "that layer's output wholesale (a likely cause, not measured here), and the random Qwen3's logits span only a few "
+        "units, so its greedy tokens flip easily.",
+    ]
     (RESULTS / "llama_cpp_check.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
