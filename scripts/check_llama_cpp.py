@@ -18,9 +18,9 @@ records which GGML type each expert tensor got, then runs greedy generation with
     nice -n 19 python scripts/check_llama_cpp.py [--venv /tmp/venv-llama] [--converter-venv DIR] [--sdist FILE.tar.gz] [--run RUN_DIR]
 
 Writes ``benchmarks/results/llama_cpp_check.{json,md}``. Needs PyPI for the source distribution and the venv, or
-``--sdist`` and a ``--venv`` that has llama_cpp. Building llama-cpp-python takes ~16 minutes of 2 cores (no prebuilt
-CPU wheel on PyPI for CPython 3.11; ``CMAKE_ARGS=-DLLAVA_BUILD=OFF`` skips the multimodal library); the conversions
-and runs take a few minutes. Not a CI test.
+``--sdist`` and a ``--venv`` that has llama_cpp. Building llama-cpp-python takes ~16 minutes of 2 cores, ~25 on a busy machine (no prebuilt
+CPU wheel on PyPI for CPython 3.11; ``CMAKE_ARGS=-DLLAVA_BUILD=OFF`` skips the multimodal library); the exports,
+conversions and runs took ~8 minutes on a busy 2-core machine. Not a CI test.
 """
 
 from __future__ import annotations
