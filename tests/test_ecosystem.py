@@ -232,6 +232,13 @@ print("round trip ok", type(third).__module__)
     assert "round trip ok transformers_modules" in result.stdout
 
 
+@pytest.mark.parametrize("format", ["tomoe", "mixtral", "qwen3_moe", "qwen2_moe"])
+def test_auto_tokenizer_loads_with_trust_remote_code_false(exports, format, smol_tokenizer):
+    # An explicit False raises where remote code would be needed (None would prompt): tomoe is imported here.
+    tokenizer = AutoTokenizer.from_pretrained(exports / format, trust_remote_code=False)
+    assert tokenizer("The lighthouse keeper").input_ids == smol_tokenizer("The lighthouse keeper").input_ids
+
+
 @pytest.mark.parametrize("format, preamble", [("tomoe", "import tomoe"), ("mixtral", NO_TOMOE), ("qwen3_moe", NO_TOMOE), ("qwen2_moe", NO_TOMOE)])
 def test_auto_tokenizer_does_not_ask_for_trust_remote_code(exports, format, preamble):
     script = preamble + f"""
