@@ -1,9 +1,11 @@
 """Installed size of tomoe's dependency closure, per extra, now and at an earlier commit.
 
-For each row, pip resolves ``torch==2.13.0`` plus the dependencies that ``pyproject.toml`` (at a git ref, or the
-working tree) declares for the chosen extras (``pip install --dry-run --ignore-installed --report``, nothing is
-installed), and the size of every resolved distribution is summed from the files it installed in this environment
-(so both sides are measured with the same wheels; a distribution that is not installed here is listed, not guessed).
+For each row, the dependency closure of ``torch==2.13.0`` plus the dependencies that ``pyproject.toml`` (at a git
+ref, or the working tree) declares for the chosen extras is walked through the metadata of the distributions
+installed in this environment (``Requires-Dist``, markers and extras evaluated; offline, seconds), and the size of
+every distribution in it is summed from the files it installed here, so both sides are measured with the same wheels.
+A requirement that is not installed here is listed, not guessed. (A ``pip install --dry-run`` resolution would
+see the newest versions on the index instead and took over 15 minutes on this machine.)
 
     python scripts/install_size.py [--before REF]
 
@@ -16,10 +18,12 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import tomllib
 from importlib import metadata
 from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -45,13 +49,31 @@ def declared_requirements(pyproject: dict, extras: tuple[str, ...]) -> list[str]
 
 
 def resolve(requirements: list[str]) -> list[tuple[str, str]]:
-    """(name, version) of every distribution pip would install for ``requirements`` into an empty environment."""
-    with tempfile.TemporaryDirectory() as folder:
-        report = Path(folder) / "report.json"
-        subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report), *requirements],
-                       check=True)
-        install = json.loads(report.read_text())["install"]
-    return sorted((item["metadata"]["name"], item["metadata"]["version"]) for item in install)
+    """(name, version) of every distribution in the closure of ``requirements``, walked through the metadata of the
+    distributions installed here (``Requires-Dist`` with its markers and extras). A requirement that is not
+    installed here is kept with version ``?`` and not followed."""
+    found: dict[str, str] = {}
+    pending = [Requirement(text) for text in requirements]
+    seen: set[tuple[str, tuple[str, ...]]] = set()
+    while pending:
+        requirement = pending.pop()
+        name = canonicalize_name(requirement.name)
+        key = (name, tuple(sorted(requirement.extras)))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            distribution = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            found.setdefault(name, "?")
+            continue
+        found[name] = distribution.version
+        for text in distribution.requires or []:
+            dependency = Requirement(text)
+            environments = [{"extra": extra} for extra in requirement.extras] or [{"extra": ""}]
+            if dependency.marker is None or any(dependency.marker.evaluate(env) for env in environments):
+                pending.append(dependency)
+    return sorted(found.items())
 
 
 def installed_bytes(name: str, version: str) -> int | None:
@@ -60,7 +82,7 @@ def installed_bytes(name: str, version: str) -> int | None:
         distribution = metadata.distribution(name)
     except metadata.PackageNotFoundError:
         return None
-    if distribution.version != version:
+    if distribution.version != version:  # "?": not installed here
         return None
     total = 0
     for file in distribution.files or []:
@@ -103,8 +125,8 @@ def main() -> int:
     lines = [
         "# Install size",
         "",
-        f"`python scripts/install_size.py --before {args.before}`: the dependency closure pip resolves for `{TORCH}` plus each "
-        "install, into an empty environment, measured as the bytes the same distributions occupy installed here.",
+        f"`python scripts/install_size.py --before {args.before}`: the dependency closure of `{TORCH}` plus each install, "
+        "walked through the installed distributions' metadata, measured as the bytes they occupy installed here.",
         "",
         "| install | distributions | MB | MB without torch | not measured |",
         "|---|---:|---:|---:|---|",
