@@ -23,6 +23,7 @@ import torch
 
 from tomoe.errors import ToMoEError
 from tomoe.export.mixtral import DEFAULT_PAD_TO, check_dense_attention_run, fill_padded_experts, load_shared_weights, widest_padded
+from tomoe.export.qwen3_moe import qwen_moe_fields
 from tomoe.patch import ForwardState, ToMoERouting
 
 # Run families the layout holds; the first one's adapter reads the layout's shapes back (tomoe report).
@@ -61,18 +62,10 @@ def qwen2_moe_config(dense, routing: ToMoERouting, state: ForwardState, pad_to: 
     if getattr(base, "sliding_window", None) or "sliding_attention" in (getattr(base, "layer_types", None) or []):
         raise ToMoEError("--format qwen2_moe cannot hold this model's sliding-window attention; use --format tomoe (or mixtral) for this model.")
     split = split_shared(state.expert_masks)
-    values = {name: getattr(base, name) for name in SHARED_FIELDS if hasattr(base, name)}
     return Qwen2MoeConfig(
-        **values,
-        intermediate_size=base.intermediate_size,  # dense MLP width; unused since every layer is sparse
+        **qwen_moe_fields(base, routing, SHARED_FIELDS),
         moe_intermediate_size=widest_padded([routed for _, routed in split], pad_to, minimum=1),
         shared_expert_intermediate_size=widest_padded([shared for shared, _ in split], pad_to, minimum=1),
-        num_experts=routing.config.num_experts,
-        num_experts_per_tok=1,
-        norm_topk_prob=True,
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
-        use_sliding_window=False,
         max_window_layers=base.num_hidden_layers,
         qkv_bias=True,  # transformers 4.x always builds q/k/v biases
     )

@@ -28,6 +28,21 @@ SHARED_FIELDS = (
 LEGACY_ALIASES = {"num_experts": "num_local_experts"}
 
 
+def qwen_moe_fields(base, routing: ToMoERouting, shared_fields: tuple[str, ...]) -> dict:
+    """The config values the Qwen MoE layouts (Qwen3-MoE, Qwen2-MoE) take from the dense config, with every layer
+    sparse and top-1 routing at weight 1 (the chosen expert's softmax weight normalised over k = 1)."""
+    return {
+        **{name: getattr(base, name) for name in shared_fields if hasattr(base, name)},
+        "intermediate_size": base.intermediate_size,  # dense MLP width; unused since every layer is sparse
+        "num_experts": routing.config.num_experts,
+        "num_experts_per_tok": 1,
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "use_sliding_window": False,
+    }
+
+
 def check_qwen3_moe_compatible(attention: str, family: str) -> None:
     check_dense_attention_run(attention, family, "qwen3_moe", FAMILIES, "Qwen3-MoE")
 
@@ -40,18 +55,7 @@ def qwen3_moe_config(dense, routing: ToMoERouting, state: ForwardState, pad_to: 
     if getattr(base, "use_sliding_window", False) and "sliding_attention" in layer_types:
         # Qwen3-MoE applies one sliding window to every layer; Qwen3 chooses per layer.
         raise ToMoEError("--format qwen3_moe cannot hold Qwen3's per-layer sliding-window attention; use --format tomoe for this model.")
-    values = {name: getattr(base, name) for name in SHARED_FIELDS if hasattr(base, name)}
-    return Qwen3MoeConfig(
-        **values,
-        intermediate_size=base.intermediate_size,  # dense MLP width; unused since every layer is sparse
-        moe_intermediate_size=padded_width(state, pad_to),
-        num_experts=routing.config.num_experts,
-        num_experts_per_tok=1,
-        norm_topk_prob=True,
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
-        use_sliding_window=False,
-    )
+    return Qwen3MoeConfig(**qwen_moe_fields(base, routing, SHARED_FIELDS), moe_intermediate_size=padded_width(state, pad_to))
 
 
 def build_qwen3_moe(dense, routing: ToMoERouting, state: ForwardState, pad_to: int = DEFAULT_PAD_TO):
