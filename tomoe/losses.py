@@ -180,7 +180,7 @@ def tomoe_objective(routing: ToMoERouting, token_mask: torch.Tensor) -> tuple[di
     if routing.dynamic_attention and cfg.attention_floor > 0:
         budget = budget + attention_floor_loss(widths, geometry, cfg.attention_floor)
     regularizers = {
-        "r_p": cfg.alpha * float(routing.budget_scale) * budget,
+        "r_p": cfg.alpha * routing.budget_scale * budget,  # the buffer, not float(): no device sync per step
         "r_u": cfg.beta * scale_gradient(union_loss(state, token_mask), UNION_GRADIENT_SCALE),
         "r_l": cfg.gamma * load_balance_loss(state, token_mask),
     }
