@@ -23,6 +23,7 @@ from tomoe.errors import ToMoEError
 from tomoe.export import export_run
 from tomoe.families import get_family, supported_model_types
 from tomoe.info import model_info
+from tomoe.nn.gumbel import GUMBEL_MEDIAN
 from tomoe.losses import kd_loss
 from tomoe.run import TrainConfig, load_run_for_inference, read_log, read_run
 from tomoe.train import convert
@@ -84,12 +85,13 @@ def _push_masks(run_dir):
     info = read_run(run_dir)
     model = load_model(resolve_model_source(info.train.model))
     routing = load_routing(run_dir, model, info)
-    offset = info.tomoe.mask_offset
+    # the deterministic decision keeps where logit + offset + GUMBEL_MEDIAN > 0: shift every threshold by both
+    shift = info.tomoe.mask_offset + GUMBEL_MEDIAN
     ids = torch.randint(3, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
     mlp_embeddings = routing._mlp_embeddings(routing.hypernet())
-    for index, mlp in enumerate(routing.mlp):  # every channel kept by 2 of the 4 experts
-        logits = mlp.mask_proj(mlp_embeddings[index])  # (experts, channels)
-        mlp.mask_proj[-1].bias.sub_(logits.median(dim=0).values + offset)
+    for index, mlp in enumerate(routing.mlp):  # every channel kept by the 2 of the 4 experts with the largest logits
+        ranked = mlp.mask_proj(mlp_embeddings[index]).sort(dim=0).values  # (experts, channels), ascending
+        mlp.mask_proj[-1].bias.sub_((ranked[1] + ranked[2]) / 2 + shift)  # halfway between 2nd and 3rd: no ties at 0
     if routing.attention is not None:
         vo_logits: dict[int, torch.Tensor] = {}
         def keep(index):
@@ -103,10 +105,10 @@ def _push_masks(run_dir):
         for handle in handles:
             handle.remove()
         for index, attention in enumerate(routing.attention):
-            attention.vo_proj[-1].bias.sub_(vo_logits[index].median(dim=0).values + offset)  # each V/O dim: half the tokens
+            attention.vo_proj[-1].bias.sub_(vo_logits[index].median(dim=0).values + shift)  # each V/O dim: half the tokens
             groups = attention.qk_proj[-1].bias.numel()
             attention.qk_proj[-1].weight.zero_()  # one RoPE pair / free dim in three is pruned
-            attention.qk_proj[-1].bias.copy_(torch.tensor([-5.0 if g % 3 == 1 else 5.0 for g in range(groups)]) - offset)
+            attention.qk_proj[-1].bias.copy_(torch.tensor([-5.0 if g % 3 == 1 else 5.0 for g in range(groups)]) - shift)
     summary = summarize_routing(model, routing, ids)
     save_checkpoint(run_dir, info.train.steps, routing.state_dict(), None)
     info.result.update(summary.to_dict())
