@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from tomoe.export.qwen2_moe import split_shared
 from tomoe.run import atomic_write_text, load_run_for_inference, read_run
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -33,18 +34,18 @@ def overlap(run_dir: str) -> dict:
         return sum(values) / len(values)
 
     width = layers[0].shape[1]
-    shared = [m.all(dim=0) for m in layers]
+    split = split_shared(layers)  # per layer: (channels every expert keeps, each expert's remainder)
     return {
         "run": run_dir,
         "target_active": read_run(run_dir).tomoe.target_active,
         "experts": layers[0].shape[0],
-        "intersection": mean([s.sum().item() / width for s in shared]),
+        "intersection": mean([shared.sum().item() / width for shared, _ in split]),
         "union": mean([m.any(dim=0).sum().item() / width for m in layers]),
         "widest": mean([m.sum(dim=1).max().item() / width for m in layers]),
         "stacked": mean([m.shape[0] * m.sum(dim=1).max().item() / width for m in layers]),
         "packed": mean([m.any(dim=0).sum().item() / width for m in layers]),
-        "shared_plus_routed": mean([(s.sum().item() + m.shape[0] * (m & ~s).sum(dim=1).max().item()) / width
-                                    for m, s in zip(layers, shared)]),
+        "shared_plus_routed": mean([(shared.sum().item() + routed.shape[0] * routed.sum(dim=1).max().item()) / width
+                                    for shared, routed in split]),
     }
 
 

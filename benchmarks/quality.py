@@ -17,6 +17,10 @@ model once:
 * ``static-magnitude+kd``: the same masks, then the same training budget as every other trained method;
 * ``split-moe-kmeans`` / ``split-moe-random``: MoEfication / LLaMA-MoE experts (balanced k-means or random split
   of the MLP channels), top-k router trained with the same budget; attention dense; N and k closest to p from below;
+* ``cmoe``: CMoE, training-free: a shared expert of the MLP channels active on most calibration tokens plus routed
+  experts carved from the others by balanced k-means of their activation patterns, router fitted in closed form
+  (``tomoe.baselines.split_moe``); the width cut into M blocks, A shared and top-A of the M - A routed, closest to p
+  from below; attention dense;
 * ``teal``: TEAL activation sparsity, training-free: every decoder linear skips the weight columns of its input
   entries below a per-layer magnitude threshold that keeps the share p of them on the calibration tokens
   (``tomoe.baselines.teal``). Not structured: each token reads other columns.
@@ -65,7 +69,7 @@ from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("tomoe", "static-learned", "static-magnitude", "static-magnitude+kd", "split-moe-kmeans", "split-moe-random", "teal")
+METHODS = ("tomoe", "static-learned", "static-magnitude", "static-magnitude+kd", "split-moe-kmeans", "split-moe-random", "cmoe", "teal")
 UNSTRUCTURED = ("teal",)  # each token reads other weight columns; every other method keeps dense blocks
 RATIOS = (0.7, 0.6, 0.5)
 BUDGETS = {
@@ -149,7 +153,7 @@ def budget_train_config(budget_name: str, settings: dict | None = None):
 # ------------------------------------------------------------------------------------------------ models
 def build_run(method: str, target: float, train_config, run_dir: Path, progress: bool, cpu: bool):
     """Train (or finish, or just read) the run directory of ``method`` at ``target``; returns its RunInfo."""
-    from tomoe.baselines.runners import run_split_moe, run_static_learned, run_static_magnitude, run_teal
+    from tomoe.baselines.runners import run_cmoe, run_split_moe, run_static_learned, run_static_magnitude, run_teal
     from tomoe.config import ToMoEConfig
     from tomoe.train import convert
 
@@ -164,6 +168,8 @@ def build_run(method: str, target: float, train_config, run_dir: Path, progress:
         return run_static_magnitude(run_dir, target, train_config, **options)
     if method == "teal":
         return run_teal(run_dir, target, dataclasses.replace(train_config, steps=0), **options)
+    if method == "cmoe":
+        return run_cmoe(run_dir, target, dataclasses.replace(train_config, steps=0), **options)
     return run_split_moe(run_dir, target, train_config, partition=method.removeprefix("split-moe-"), **options)
 
 
@@ -283,7 +289,8 @@ def row_for_run(method: str, target: float, info, evaluation: dict, speed: dict 
         "budget_settings": budget_settings(settings),
     }
     if info.method == "split-moe":
-        row.update(experts=result["num_experts"], top_k=result["top_k"], partition=info.method_config["partition"])
+        row.update(experts=result["num_experts"], top_k=result["top_k"], partition=info.method_config["partition"],
+                   shared_width=result.get("shared_width", 0))
     if info.method_config.get("calibration_blocks"):
         row["calibration_tokens"] = info.method_config["calibration_blocks"] * train.seq_len
     return {**row, **{k: v for k, v in evaluation.items() if k not in row}}
@@ -356,7 +363,7 @@ def budget_section(budget: str, rows: list[dict]) -> list[str]:
         "",
         f"Every trained method {settings['steps']} steps x {settings['batch_size']} x {settings['seq_len']} tokens = "
         f"{tokens:,} tokens of the embedded calibration mix, AdamW lr {settings['lr']:g}, seed 0, the same loop and "
-        "data; `static-magnitude` and `teal` are training-free (their initialisations, like the split-moe partition "
+        "data; `static-magnitude`, `cmoe` and `teal` are training-free (their initialisations, like the split-moe partition "
         "and router fit, read the calibration tokens listed in quality.json).",
         "",
         f"Evaluation (`tomoe eval RUN_DIR`): WikiText-2 test perplexity over {windows} of 2048 tokens; zero-shot "
@@ -378,7 +385,8 @@ def budget_section(budget: str, rows: list[dict]) -> list[str]:
         tasks = [_percent(row["zeroshot"].get(task)) for task in TASK_LABELS]
         kd = "-" if row.get("final_kd") is None else f"{row['final_kd']:.3f}"
         speeds = " | ".join("-" if row.get(field) is None else f"{row[field]:.2f}x" for field in SPEED_PHASES.values())
-        note = "; ".join(filter(None, [f"N={row['experts']}, k={row['top_k']}" if "experts" in row else "",
+        shared = f", shared {row['shared_width']} channels" if row.get("shared_width") else ""
+        note = "; ".join(filter(None, [f"N={row['experts']}, k={row['top_k']}{shared}" if "experts" in row else "",
                                        row.get("speed", {}).get("speed_path", "")]))
         lines.append(f"| {row['target_active']:g} | {row['method']} | {row['active_ratio']:.3f} | {ppl} | {_percent(row['zeroshot_avg'])} | "
                      + " | ".join(tasks) + f" | {speeds} | {row['train_tokens']:,} | {kd} | {note} |")

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from conftest import exported_decoder_ratio
 from tomoe.baselines import magnitude, split_moe, teal
@@ -21,11 +21,12 @@ from tomoe.config import ToMoEConfig
 from tomoe.errors import ToMoEError
 from tomoe.evaluate import evaluate_perplexity, load_model_for_eval
 from tomoe.export import export_run
+from tomoe.families import get_family
 from tomoe.measure import summarize_routing
 from tomoe.methods import get_method
 from tomoe.patch import attach
 from tomoe.report import build_report
-from tomoe.run import TrainConfig, latest_checkpoint_dir, load_run_for_inference, read_log
+from tomoe.run import TrainConfig, latest_checkpoint_dir, load_run_for_inference, read_log, read_run
 from tomoe.train import convert
 
 
@@ -286,6 +287,73 @@ def test_cli_baseline_writes_a_split_moe_run(tmp_path, tiny_model_dir, tiny_text
     assert run["method"] == "split-moe" and run["tomoe"]["num_experts"] == 4 and run["train"]["steps"] == 2
     assert run["method_config"] == {"top_k": 2, "partition": "random", "calibration_blocks": 2}  # 1/3 + 2/3 * 2/4 <= 0.7
     assert "active ratio (deterministic) 0.667" in capsys.readouterr().out
+
+
+# --- cmoe ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", [0.5, 0.7, 0.9])
+def test_cmoe_blocks_are_the_best_shared_layout_by_a_brute_force_count(tiny_llama, target):
+    geometry = attach(tiny_llama, ToMoEConfig()).geometry
+    experts, top_k, shared = split_moe.choose_shared_split(geometry, target)
+    blocks = experts + top_k
+    assert shared == top_k * 128 // blocks and 2 * top_k < blocks  # A shared blocks, top-A of the M - A routed
+    achieved = _brute_force_ratio(tiny_llama, blocks, 2 * top_k)  # a token reads 2A of the M equal blocks
+    assert split_moe.split_active_ratio(geometry, experts, top_k, shared) == pytest.approx(achieved) and achieved <= target + 1e-9
+    every = {(m, a): _brute_force_ratio(tiny_llama, m, 2 * a) for m in (4, 8, 16, 32, 64) for a in range(1, (m - 1) // 2 + 1)}
+    assert achieved == pytest.approx(max(r for r in every.values() if r <= target + 1e-9))
+    with pytest.raises(ToMoEError, match="cmoe cannot reach an active ratio <= 0.3"):
+        split_moe.choose_shared_split(geometry, 0.3)  # attention alone is a third of the weights
+
+
+def test_cmoe_shares_the_most_often_active_channels_and_routes_the_rest(tiny_llama, sample_ids):
+    with torch.no_grad():
+        dense = tiny_llama(sample_ids).logits
+    routing = split_moe.SplitMoERouting(tiny_llama, 6, 2, shared_width=32)  # M = 8 blocks of 16: 2 shared, top-2 of 6
+    split_moe.initialize(tiny_llama, routing, sample_ids, {"partition": "cmoe"}, seed=0)
+    assert routing.kept_channels == 64 and routing.active_ratio == pytest.approx(_brute_force_ratio(tiny_llama, 8, 4))
+    _, hidden = split_moe.mlp_activations(tiny_llama, routing, sample_ids)
+    for index, h in enumerate(hidden):  # by hand: a token activates its 64 largest |h_j|; the 32 most frequent are shared
+        rates = torch.zeros_like(h).scatter_(1, h.abs().topk(64, dim=1).indices, 1.0).mean(dim=0)
+        shared = routing.shared[index].bool()
+        assert shared.sum() == 32 and rates[shared].min() >= rates[~shared].max()
+        owners = routing.membership(index).sum(dim=0)  # every channel outside the shared expert in exactly one expert
+        assert torch.equal(owners, (~shared).float())
+    with torch.no_grad():
+        routed = tiny_llama(sample_ids).logits
+    masks = routing.state.channel_masks[1].flatten(0, 1)  # (tokens, intermediate)
+    assert torch.equal(masks.sum(dim=1), torch.full((len(masks),), 64.0)) and masks[:, routing.shared[1].bool()].eq(1).all()
+    assert (routed - dense).abs().max() > 1e-3
+    routing.detach()
+    # runs saved before the shared expert existed (no "shared" buffer) load without one
+    plain = split_moe.SplitMoERouting(tiny_llama, 4, 1)
+    saved = {name: value for name, value in plain.state_dict().items() if name != "shared"}
+    plain.shared.fill_(1.0)
+    plain.load_state_dict(saved)
+    assert plain.shared.eq(0).all()
+    plain.detach()
+    with pytest.raises(ToMoEError, match="6 routed experts do not divide the 100 channels"):
+        split_moe.SplitMoERouting(tiny_llama, 6, 2, shared_width=28)
+
+
+def test_cmoe_run_is_training_free_and_evaluates(tmp_path, tiny_model_dir, tiny_text_file, capsys):
+    out = tmp_path / "cli"
+    argv = ["baseline", "cmoe", "--model", str(tiny_model_dir), "--data", str(tiny_text_file), "--target-active", "0.7",
+            "--calibration-blocks", "4", "--seq-len", "32", "--batch-size", "2", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    run = read_run(out)
+    assert run.method == "split-moe" and run.train.steps == 0 and run.tomoe.attention == "none"
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    experts, top_k, shared = split_moe.choose_shared_split(get_family(config).geometry(config), 0.7)
+    assert run.method_config == {"top_k": top_k, "partition": "cmoe", "shared_width": shared, "calibration_blocks": 4}
+    assert run.tomoe.num_experts == experts and run.result["shared_width"] == shared and run.result["active_ratio"] <= 0.7
+    assert f"active ratio (deterministic) {run.result['active_ratio']:.3f}" in capsys.readouterr().out
+    patched, _ = load_run_for_inference(out)
+    assert patched.tomoe_routing.shared.sum(dim=1).eq(shared).all()
+    ppl = _ppl(out, tiny_text_file)
+    assert ppl == pytest.approx(_hand_ppl(patched, AutoTokenizer.from_pretrained(tiny_model_dir), tiny_text_file), rel=1e-5)
+    with pytest.raises(ToMoEError, match="run the cmoe baseline"):
+        run_split_moe(tmp_path / "x", 0.7, _train_config(tiny_model_dir, tiny_text_file), partition="cmoe")
 
 
 # --- teal ---------------------------------------------------------------------------------------------------

@@ -9,6 +9,9 @@
 * ``split-moe``: MoEfication / LLaMA-MoE: MLP channels split into N experts (random or balanced k-means), a top-k
   router trained by KD (:mod:`tomoe.baselines.split_moe`). Attention stays dense. Evaluates as a run directory; it
   has no export format.
+* ``cmoe``: CMoE, split-moe's routing with a shared expert: the most often active MLP channels always on, routed
+  experts carved from the others by their activation patterns, a closed-form router; training-free by default
+  (:mod:`tomoe.baselines.split_moe`). Evaluates as a run directory (its method is ``split-moe``, partition ``cmoe``).
 * ``teal``: TEAL, training-free activation sparsity: every decoder linear skips the weight columns of its small
   input entries, by per-layer magnitude thresholds keeping the share p of each input (:mod:`tomoe.baselines.teal`).
   Evaluates as a run directory; it has no export format (each token reads other columns).
@@ -20,8 +23,8 @@ runners that write a baseline's run directory, ``run_baseline`` and one per base
 every method and step budget).
 """
 
-BASELINES = ("static-learned", "static-magnitude", "split-moe", "teal")
-PARTITIONS = ("kmeans", "random")  # how split-moe splits the MLP channels into experts
+BASELINES = ("static-learned", "static-magnitude", "split-moe", "cmoe", "teal")
+PARTITIONS = ("kmeans", "random")  # how split-moe splits the MLP channels into experts (cmoe's own: "cmoe")
 DEFAULT_CALIBRATION_BLOCKS = 16  # 4096 tokens at the quick preset's 256-token blocks
 
 __all__ = ["BASELINES", "DEFAULT_CALIBRATION_BLOCKS", "PARTITIONS"]

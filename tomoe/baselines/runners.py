@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tomoe.baselines import BASELINES, DEFAULT_CALIBRATION_BLOCKS
-from tomoe.baselines.split_moe import choose_experts
+from tomoe.baselines.split_moe import choose_experts, choose_shared_split
 from tomoe.config import ToMoEConfig
 from tomoe.errors import ToMoEError
 from tomoe.families import get_family
@@ -37,16 +37,36 @@ def run_static_magnitude(run_dir: str | Path, target_active: float, train_config
                    method_config={"calibration_blocks": calibration_blocks}, **convert_options)
 
 
+def _geometry(train_config: TrainConfig):
+    model_config = load_config(resolve_model_source(train_config.model))
+    return get_family(model_config).geometry(model_config)
+
+
+def _split_run(run_dir, target_active: float, train_config: TrainConfig, experts: int, method_config: dict, convert_options: dict) -> RunInfo:
+    config = ToMoEConfig(target_active=target_active, num_experts=experts, attention="none")
+    return convert(run_dir, config, train_config, method="split-moe", method_config=method_config, **convert_options)
+
+
 def run_split_moe(run_dir: str | Path, target_active: float, train_config: TrainConfig, experts: int | None = None,
                   top_k: int | None = None, partition: str = "kmeans", calibration_blocks: int = DEFAULT_CALIBRATION_BLOCKS,
                   **convert_options) -> RunInfo:
     """Split every MLP into N experts and train a top-k router; N and k default to the split closest to the target
     from below (``split_moe.choose_experts``)."""
-    model_config = load_config(resolve_model_source(train_config.model))
-    experts, top_k = choose_experts(get_family(model_config).geometry(model_config), target_active, experts, top_k)
-    config = ToMoEConfig(target_active=target_active, num_experts=experts, attention="none")
-    return convert(run_dir, config, train_config, method="split-moe",
-                   method_config={"top_k": top_k, "partition": partition, "calibration_blocks": calibration_blocks}, **convert_options)
+    if partition == "cmoe":
+        raise ToMoEError("the cmoe partition has a shared expert and its own choice of blocks: run the cmoe baseline.")
+    experts, top_k = choose_experts(_geometry(train_config), target_active, experts, top_k)
+    method_config = {"top_k": top_k, "partition": partition, "calibration_blocks": calibration_blocks}
+    return _split_run(run_dir, target_active, train_config, experts, method_config, convert_options)
+
+
+def run_cmoe(run_dir: str | Path, target_active: float, train_config: TrainConfig,
+             calibration_blocks: int = DEFAULT_CALIBRATION_BLOCKS, **convert_options) -> RunInfo:
+    """CMoE: a shared expert of the most often active MLP channels plus routed experts carved from the others, with
+    a closed-form router (``split_moe.choose_shared_split`` picks the blocks); training-free at ``steps = 0``, with
+    ``steps > 0`` its routers are trained like split-moe's."""
+    experts, top_k, shared_width = choose_shared_split(_geometry(train_config), target_active)
+    method_config = {"top_k": top_k, "partition": "cmoe", "shared_width": shared_width, "calibration_blocks": calibration_blocks}
+    return _split_run(run_dir, target_active, train_config, experts, method_config, convert_options)
 
 
 def run_teal(run_dir: str | Path, target_active: float, train_config: TrainConfig,
@@ -61,7 +81,7 @@ def run_teal(run_dir: str | Path, target_active: float, train_config: TrainConfi
 
 
 _RUNNERS = {"static-learned": run_static_learned, "static-magnitude": run_static_magnitude, "split-moe": run_split_moe,
-            "teal": run_teal}
+            "cmoe": run_cmoe, "teal": run_teal}
 
 
 def run_baseline(method: str, run_dir: str | Path, target_active: float, train_config: TrainConfig, **options) -> RunInfo:

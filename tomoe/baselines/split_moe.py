@@ -11,6 +11,16 @@ A router ``Linear(d, N)`` on the MLP input picks the top k experts of each token
 MLP restricted to the union of their channels (MoEfication: experts are summed unweighted, so k = N is the dense
 MLP). Attention stays dense.
 
+* ``cmoe``: CMoE's layout (Pei et al., 2025): a shared expert of the channels active on most tokens, always on,
+  plus routed experts carved from the rest. The width is cut into M equal blocks: A blocks form the shared expert
+  and each token adds the top A of the other M - A (CMoE's S_A_A_E_M configurations). A token "activates" a channel
+  when its ``|h_j|`` is among the token's largest (as many as the token keeps); the shared expert takes the channels
+  with the highest activation rates and balanced k-means of the others' activation patterns forms the routed
+  experts. The router is fitted in closed form as for the other partitions (CMoE scores experts by the activation
+  of a representative channel each; the regression fits the routed experts' activation mass directly, at the same
+  cost and without training), so the baseline is training-free (``steps = 0``; its routers train like split-moe's
+  with ``steps > 0``, CMoE's optional fine-tuning).
+
 The router starts from MoEfication's router objective solved in closed form: a ridge regression from the MLP input
 onto each expert's activation mass ``m_e = sum_{j in e} |h_j|`` on the calibration tokens, so that it begins by
 choosing the experts carrying most of it (with either partition). The target is ``log m_e`` centred per token and
@@ -50,9 +60,10 @@ KMEANS_ITERATIONS = 10
 RIDGE = 1e-3  # router regression: ridge weight relative to the mean diagonal of the Gram matrix
 
 
-def split_active_ratio(geometry: Geometry, num_experts: int, top_k: int) -> float:
-    """Active ratio (tomoe.losses.active_ratio) of k of N equal experts per MLP with dense attention."""
-    width = top_k * geometry.intermediate_size // num_experts
+def split_active_ratio(geometry: Geometry, num_experts: int, top_k: int, shared_width: int = 0) -> float:
+    """Active ratio (tomoe.losses.active_ratio) of k of N equal routed experts (and ``shared_width`` always-active
+    channels) per MLP with dense attention."""
+    width = shared_width + top_k * (geometry.intermediate_size - shared_width) // num_experts
     layers = geometry.num_layers
     return float(active_ratio(Widths([width] * layers, [geometry.head_dim] * layers, [geometry.head_dim] * layers), geometry))
 
@@ -90,10 +101,38 @@ def choose_experts(geometry: Geometry, target: float, experts: int | None = None
     return best[0], best[1]
 
 
-def _check_experts(geometry: Geometry, experts) -> None:
+def choose_shared_split(geometry: Geometry, target: float) -> tuple[int, int, int]:
+    """CMoE's layout closest to ``target`` from below: (routed experts N = M - A, top-k = A, shared width A I / M)
+    for the MLP width cut into M equal blocks (M a divisor of it, up to ``MAX_AUTO_EXPERTS``), A of them shared.
+
+    A token uses 2A of the M blocks, so 2A < M (at least one routed block stays off). Ties: the most blocks.
+    """
+    ToMoEConfig(target_active=target)  # validates the ratio
+    intermediate = geometry.intermediate_size
+    best = None
+    for blocks in (m for m in range(3, MAX_AUTO_EXPERTS + 1) if intermediate % m == 0):
+        for active in range(1, (blocks - 1) // 2 + 1):
+            routed, shared = blocks - active, active * intermediate // blocks
+            ratio = split_active_ratio(geometry, routed, active, shared)
+            if ratio <= target + 1e-9 and (best is None or ratio >= best[3] - 1e-12):
+                best = (routed, active, shared, ratio)
+    if best is None:
+        raise ToMoEError(
+            f"cmoe cannot reach an active ratio <= {target}: attention stays dense ({geometry.dense_attention_share:.3f} "
+            f"of the weights) and every token uses a shared and a routed block of the MLP. Choose a larger --target-active."
+        )
+    return best[:3]
+
+
+def _check_experts(geometry: Geometry, experts, shared_width: int = 0) -> None:
     if not isinstance(experts, int) or experts < 2:
         raise ToMoEError(f"split-moe needs at least 2 experts, got {experts!r}.")
-    if geometry.intermediate_size % experts:
+    if not isinstance(shared_width, int) or not 0 <= shared_width < geometry.intermediate_size:
+        raise ToMoEError(f"the shared expert's width must be an integer in [0, {geometry.intermediate_size}), got {shared_width!r}.")
+    if shared_width and (geometry.intermediate_size - shared_width) % experts:
+        raise ToMoEError(f"{experts} routed experts do not divide the {geometry.intermediate_size - shared_width} channels "
+                         f"outside the shared expert; choose a shared width that leaves a multiple of {experts}.")
+    if not shared_width and geometry.intermediate_size % experts:
         raise ToMoEError(
             f"split-moe experts are equal splits: {experts} experts do not divide the MLP width {geometry.intermediate_size}; "
             f"choose a divisor of it (e.g. {', '.join(str(n) for n in range(2, MAX_AUTO_EXPERTS + 1) if geometry.intermediate_size % n == 0)})."
@@ -102,17 +141,25 @@ def _check_experts(geometry: Geometry, experts) -> None:
 
 def validate(geometry: Geometry, tomoe_config: ToMoEConfig, method_config: dict) -> None:
     """Refuses a split-moe run whose settings cannot work (before any heavy work)."""
-    _check_experts(geometry, tomoe_config.num_experts)
+    shared_width = method_config.get("shared_width", 0)
+    _check_experts(geometry, tomoe_config.num_experts, shared_width)
     top_k = method_config.get("top_k")
     if not isinstance(top_k, int) or not 1 <= top_k <= tomoe_config.num_experts:
         raise ToMoEError(f"split-moe top-k must be an integer in [1, N={tomoe_config.num_experts}], got {top_k!r}.")
-    if method_config.get("partition") not in PARTITIONS:
-        raise ToMoEError(f"split-moe partition must be one of {', '.join(PARTITIONS)}, got {method_config.get('partition')!r}.")
+    if method_config.get("partition") not in (*PARTITIONS, "cmoe"):
+        raise ToMoEError(f"split-moe partition must be one of {', '.join(PARTITIONS)}, cmoe, got {method_config.get('partition')!r}.")
+    if (method_config["partition"] == "cmoe") != (shared_width > 0):
+        raise ToMoEError("a shared expert (shared_width > 0) goes with the cmoe partition, and only with it.")
     if tomoe_config.attention != "none":
         raise ToMoEError("split-moe keeps attention dense: its ToMoE config must say attention='none'.")
-    ratio = split_active_ratio(geometry, tomoe_config.num_experts, top_k)
+    ratio = split_active_ratio(geometry, tomoe_config.num_experts, top_k, shared_width)
     if ratio > tomoe_config.target_active + 1e-9:
         raise ToMoEError(f"split-moe with N={tomoe_config.num_experts}, k={top_k} is active ratio {ratio:.4f}, above the target {tomoe_config.target_active}.")
+
+
+def _no_shared_expert(module, state_dict, prefix, *args) -> None:
+    """Runs saved before the shared expert existed had none."""
+    state_dict.setdefault(prefix + "shared", torch.zeros_like(module.shared))
 
 
 @dataclass
@@ -126,23 +173,33 @@ class SplitState:
 class SplitMoERouting(HookedRouting):
     """The routers and partitions of a split-moe model and the hooks applying them (always deterministic)."""
 
-    def __init__(self, model: nn.Module, num_experts: int, top_k: int, gamma: float = 1.0):
+    def __init__(self, model: nn.Module, num_experts: int, top_k: int, gamma: float = 1.0, shared_width: int = 0):
         super().__init__(model)
         geo = self.geometry
-        _check_experts(geo, num_experts)
+        _check_experts(geo, num_experts, shared_width)
         if not 1 <= top_k <= num_experts:
             raise ToMoEError(f"split-moe top-k must be in [1, {num_experts}], got {top_k}.")
-        self.num_experts, self.top_k, self.gamma = num_experts, top_k, gamma
-        self.active_ratio = split_active_ratio(geo, num_experts, top_k)
+        self.num_experts, self.top_k, self.gamma, self.shared_width = num_experts, top_k, gamma, shared_width
+        self.active_ratio = split_active_ratio(geo, num_experts, top_k, shared_width)
         self.routers = nn.ModuleList(nn.Linear(geo.hidden_size, num_experts) for _ in range(geo.num_layers))
-        # (layers, N, I / N): the channels of each expert, a buffer saved with the checkpoint (set by initialize).
-        contiguous = torch.arange(geo.intermediate_size).view(1, num_experts, -1)
+        # Buffers saved with the checkpoint (set by initialize): (layers, N, (I - S) / N) the channels of each routed
+        # expert, and (layers, I) 0/1 the shared expert's channels, always active (none but for cmoe).
+        contiguous = torch.arange(shared_width, geo.intermediate_size).view(1, num_experts, -1)
         self.register_buffer("partition", contiguous.repeat(geo.num_layers, 1, 1))
+        shared = torch.zeros(geo.num_layers, geo.intermediate_size)
+        shared[:, :shared_width] = 1.0
+        self.register_buffer("shared", shared)
+        self.register_load_state_dict_pre_hook(_no_shared_expert)
         for index, layer in enumerate(self._hook_decoder(model, self._begin_forward)):
             mlp = self.family.mlp_module(layer)
             self._handles.append(mlp.register_forward_pre_hook(self._router_hook(index)))
             self._handles.append(mlp.get_submodule(self.family.down_proj).register_forward_pre_hook(self._mlp_mask_hook(index)))
         self.to(next(model.parameters()).device)
+
+    @property
+    def kept_channels(self) -> int:
+        """MLP channels a token uses: the shared expert's and those of its k routed experts."""
+        return self.shared_width + self.top_k * self.partition.shape[-1]
 
     def membership(self, index: int) -> torch.Tensor:
         """(N, intermediate) 0/1: which channels each expert of layer ``index`` owns."""
@@ -163,7 +220,7 @@ class SplitMoERouting(HookedRouting):
             chosen = top_k_mask(logits, self.top_k)
             self.state.routes[index] = (chosen / self.top_k, probs)
             # Forward: exactly the chosen experts; backward: the softmax's gradient (straight-through).
-            self.state.channel_masks[index] = (chosen + (probs - probs.detach())) @ self.membership(index)
+            self.state.channel_masks[index] = (chosen + (probs - probs.detach())) @ self.membership(index) + self.shared[index]
             return None
 
         return hook
@@ -172,7 +229,7 @@ class SplitMoERouting(HookedRouting):
 def attach(model, tomoe_config: ToMoEConfig, method_config: dict) -> SplitMoERouting:
     """Freeze ``model`` and hook a split-moe routing into it (N from the ToMoE config, k from the method config)."""
     model.requires_grad_(False)
-    return SplitMoERouting(model, tomoe_config.num_experts, method_config["top_k"], tomoe_config.gamma)
+    return SplitMoERouting(model, tomoe_config.num_experts, method_config["top_k"], tomoe_config.gamma, method_config.get("shared_width", 0))
 
 
 def objective(routing: SplitMoERouting, token_mask: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -194,7 +251,8 @@ def summarize(model, routing: SplitMoERouting, eval_ids: torch.Tensor, batch_siz
         "active_ratio": routing.active_ratio,
         "num_experts": routing.num_experts,
         "top_k": routing.top_k,
-        "expert_width": routing.geometry.intermediate_size // routing.num_experts,
+        "expert_width": (routing.geometry.intermediate_size - routing.shared_width) // routing.num_experts,
+        "shared_width": routing.shared_width,
         "expert_load": (loads / eval_ids.numel()).tolist(),
         "tokens": eval_ids.numel(),
     }
@@ -255,6 +313,23 @@ def _balanced_assignment(similarity: torch.Tensor, capacity: int) -> torch.Tenso
     return torch.tensor(assignment)
 
 
+def carve_shared_and_routed(magnitude: torch.Tensor, routing: SplitMoERouting, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """CMoE's grouping from the (n, I) ``|h|`` of calibration tokens: ((I,) 0/1 shared channels, (N, (I - S) / N)
+    routed experts' channel ids).
+
+    A token activates the channels among its largest ``|h_j|``, as many as a token keeps; the S channels with the
+    highest activation rates are shared; balanced k-means of the others' activation patterns over the tokens forms
+    the routed experts.
+    """
+    intermediate, shared_width = magnitude.shape[1], routing.shared_width
+    activated = torch.zeros_like(magnitude).scatter_(1, magnitude.topk(routing.kept_channels, dim=1).indices, 1.0)  # (n, I) 0/1
+    by_rate = activated.mean(dim=0).argsort(descending=True, stable=True)
+    shared = torch.zeros(intermediate).index_fill_(0, by_rate[:shared_width], 1.0)
+    rest = by_rate[shared_width:].sort().values  # channel ids outside the shared expert, ascending
+    clusters = balanced_kmeans(activated[:, rest].T, routing.num_experts, generator)  # positions within ``rest``
+    return shared, rest[clusters]
+
+
 def fit_router(router: nn.Linear, inputs: torch.Tensor, targets: torch.Tensor) -> None:
     """Least squares (ridge) ``router(inputs) ~ targets``: inputs (n, d), targets (n, N)."""
     design = torch.cat([inputs.double(), torch.ones(len(inputs), 1, dtype=torch.float64)], dim=1)  # (n, d + 1)
@@ -274,6 +349,9 @@ def initialize(model, routing: SplitMoERouting, calibration_ids: torch.Tensor, m
         magnitude = h.abs()  # (n, I)
         if method_config["partition"] == "random":
             partition = random_partition(routing.geometry.intermediate_size, routing.num_experts, generator)
+        elif method_config["partition"] == "cmoe":
+            shared, partition = carve_shared_and_routed(magnitude, routing, generator)
+            routing.shared[index] = shared.to(routing.shared)
         else:
             partition = balanced_kmeans(magnitude.T, routing.num_experts, generator)
         routing.partition[index] = partition.to(routing.partition.device)

@@ -19,6 +19,9 @@ Build a baseline at active ratio P, as a run directory that `tomoe eval RUN_DIR`
                     (structured Wanda on the calibration data); --steps S continues it with S steps of KD
   split-moe         MoEfication / LLaMA-MoE: MLP channels split into N experts (--partition kmeans|random), a
                     top-k router trained by KD; N and k default to the split closest to P from below
+  cmoe              CMoE: a shared expert of the MLP channels active on most tokens plus routed experts carved
+                    from the others by their activation patterns, a router fitted in closed form; training-free
+                    (--steps S trains the routers like split-moe's)
   teal              TEAL: training-free activation sparsity; every decoder linear skips the weight columns of its
                     input entries below a per-layer magnitude threshold, calibrated to keep the share P of them
 
@@ -30,25 +33,25 @@ METHOD_OPTIONS = {
     "top_k": ("split-moe",),
     "partition": ("split-moe",),
     "attention": ("static-learned", "static-magnitude"),
-    "calibration_blocks": ("static-magnitude", "split-moe", "teal"),
+    "calibration_blocks": ("static-magnitude", "split-moe", "cmoe", "teal"),
 }
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "baseline",
-        help="build a baseline (static-learned, static-magnitude, split-moe, teal) as a run directory",
+        help="build a baseline (static-learned, static-magnitude, split-moe, cmoe, teal) as a run directory",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("method", choices=BASELINES, metavar="METHOD", help=f"one of {', '.join(BASELINES)}")
-    add_training_arguments(parser, steps_help="training steps (default: the preset's; static-magnitude and teal: 0, training-free)")
+    add_training_arguments(parser, steps_help="training steps (default: the preset's; static-magnitude, cmoe and teal: 0, training-free)")
     parser.add_argument("--target-active", type=float, required=True, metavar="P", help="active ratio p of the decoder weights, in (0, 1]")
     parser.add_argument("--experts", type=int, metavar="N", help="split-moe: experts per MLP, a divisor of its width (default: chosen with k)")
     parser.add_argument("--top-k", type=int, metavar="K", help="split-moe: experts per token (default: the largest that fits P)")
     parser.add_argument("--partition", choices=PARTITIONS, help="split-moe: how channels are split (default kmeans)")
     parser.add_argument("--attention", choices=ATTENTION_MODES, help="static methods: 'auto' (default, as tomoe convert), 'dynamic' prunes head dims too, 'none' keeps attention dense")
-    parser.add_argument("--calibration-blocks", type=int, metavar="C", help="static-magnitude, split-moe, teal: training blocks the initialisation reads (default 16)")
+    parser.add_argument("--calibration-blocks", type=int, metavar="C", help="static-magnitude, split-moe, cmoe, teal: training blocks the initialisation reads (default 16)")
     parser.set_defaults(run=run)
 
 
@@ -66,8 +69,8 @@ def build_options(args: argparse.Namespace) -> dict:
 
 
 def build_train_config(args: argparse.Namespace):
-    # static-magnitude is training-free unless --steps asks for KD; teal is training-free (and refuses --steps).
-    return train_config_from_args(args, **({"steps": 0} if args.method in ("static-magnitude", "teal") else {}))
+    # static-magnitude and cmoe are training-free unless --steps asks for KD; teal is training-free (and refuses --steps).
+    return train_config_from_args(args, **({"steps": 0} if args.method in ("static-magnitude", "cmoe", "teal") else {}))
 
 
 def run(args: argparse.Namespace) -> int:
