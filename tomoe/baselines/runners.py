@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tomoe.baselines import BASELINES, DEFAULT_CALIBRATION_BLOCKS
-from tomoe.baselines.split_moe import choose_experts, choose_shared_split
+from tomoe.baselines.split_moe import CMOE_PARTITION, choose_experts, choose_shared_split
 from tomoe.config import ToMoEConfig
 from tomoe.errors import ToMoEError
 from tomoe.families import get_family
@@ -52,7 +52,7 @@ def run_split_moe(run_dir: str | Path, target_active: float, train_config: Train
                   **convert_options) -> RunInfo:
     """Split every MLP into N experts and train a top-k router; N and k default to the split closest to the target
     from below (``split_moe.choose_experts``)."""
-    if partition == "cmoe":
+    if partition == CMOE_PARTITION:
         raise ToMoEError("the cmoe partition has a shared expert and its own choice of blocks: run the cmoe baseline.")
     experts, top_k = choose_experts(_geometry(train_config), target_active, experts, top_k)
     method_config = {"top_k": top_k, "partition": partition, "calibration_blocks": calibration_blocks}
@@ -65,7 +65,7 @@ def run_cmoe(run_dir: str | Path, target_active: float, train_config: TrainConfi
     a closed-form router (``split_moe.choose_shared_split`` picks the blocks); training-free at ``steps = 0``, with
     ``steps > 0`` its routers are trained like split-moe's."""
     experts, top_k, shared_width = choose_shared_split(_geometry(train_config), target_active)
-    method_config = {"top_k": top_k, "partition": "cmoe", "shared_width": shared_width, "calibration_blocks": calibration_blocks}
+    method_config = {"top_k": top_k, "partition": CMOE_PARTITION, "shared_width": shared_width, "calibration_blocks": calibration_blocks}
     return _split_run(run_dir, target_active, train_config, experts, method_config, convert_options)
 
 

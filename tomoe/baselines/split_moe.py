@@ -57,13 +57,19 @@ from tomoe.patch import HookedRouting
 REGULARIZERS = ("r_l",)
 MAX_AUTO_EXPERTS = 64  # LLaMA-MoE uses 8-16 experts, MoEfication experts of a few dozen channels
 KMEANS_ITERATIONS = 10
+CMOE_PARTITION = "cmoe"  # split-moe's partition with a shared expert (the cmoe baseline); PARTITIONS are the others
 RIDGE = 1e-3  # router regression: ridge weight relative to the mean diagonal of the Gram matrix
+
+
+def kept_width(intermediate_size: int, num_experts: int, top_k: int, shared_width: int = 0) -> int:
+    """MLP channels a token uses: the shared expert's and those of its k of the N equal routed experts."""
+    return shared_width + top_k * (intermediate_size - shared_width) // num_experts
 
 
 def split_active_ratio(geometry: Geometry, num_experts: int, top_k: int, shared_width: int = 0) -> float:
     """Active ratio (tomoe.losses.active_ratio) of k of N equal routed experts (and ``shared_width`` always-active
     channels) per MLP with dense attention."""
-    width = shared_width + top_k * (geometry.intermediate_size - shared_width) // num_experts
+    width = kept_width(geometry.intermediate_size, num_experts, top_k, shared_width)
     layers = geometry.num_layers
     return float(active_ratio(Widths([width] * layers, [geometry.head_dim] * layers, [geometry.head_dim] * layers), geometry))
 
@@ -129,14 +135,12 @@ def _check_experts(geometry: Geometry, experts, shared_width: int = 0) -> None:
         raise ToMoEError(f"split-moe needs at least 2 experts, got {experts!r}.")
     if not isinstance(shared_width, int) or not 0 <= shared_width < geometry.intermediate_size:
         raise ToMoEError(f"the shared expert's width must be an integer in [0, {geometry.intermediate_size}), got {shared_width!r}.")
-    if shared_width and (geometry.intermediate_size - shared_width) % experts:
-        raise ToMoEError(f"{experts} routed experts do not divide the {geometry.intermediate_size - shared_width} channels "
-                         f"outside the shared expert; choose a shared width that leaves a multiple of {experts}.")
-    if not shared_width and geometry.intermediate_size % experts:
-        raise ToMoEError(
-            f"split-moe experts are equal splits: {experts} experts do not divide the MLP width {geometry.intermediate_size}; "
-            f"choose a divisor of it (e.g. {', '.join(str(n) for n in range(2, MAX_AUTO_EXPERTS + 1) if geometry.intermediate_size % n == 0)})."
-        )
+    routed_channels = geometry.intermediate_size - shared_width
+    if routed_channels % experts:
+        where = f"the {routed_channels} channels outside the shared expert" if shared_width else f"the MLP width {routed_channels}"
+        divisors = ", ".join(str(n) for n in range(2, MAX_AUTO_EXPERTS + 1) if routed_channels % n == 0) or "none up to 64"
+        raise ToMoEError(f"split-moe experts are equal splits: {experts} routed experts do not divide {where}; "
+                         f"choose a number of experts that divides it (e.g. {divisors}).")
 
 
 def validate(geometry: Geometry, tomoe_config: ToMoEConfig, method_config: dict) -> None:
@@ -146,9 +150,9 @@ def validate(geometry: Geometry, tomoe_config: ToMoEConfig, method_config: dict)
     top_k = method_config.get("top_k")
     if not isinstance(top_k, int) or not 1 <= top_k <= tomoe_config.num_experts:
         raise ToMoEError(f"split-moe top-k must be an integer in [1, N={tomoe_config.num_experts}], got {top_k!r}.")
-    if method_config.get("partition") not in (*PARTITIONS, "cmoe"):
-        raise ToMoEError(f"split-moe partition must be one of {', '.join(PARTITIONS)}, cmoe, got {method_config.get('partition')!r}.")
-    if (method_config["partition"] == "cmoe") != (shared_width > 0):
+    if method_config.get("partition") not in (*PARTITIONS, CMOE_PARTITION):
+        raise ToMoEError(f"split-moe partition must be one of {', '.join((*PARTITIONS, CMOE_PARTITION))}, got {method_config.get('partition')!r}.")
+    if (method_config["partition"] == CMOE_PARTITION) != (shared_width > 0):
         raise ToMoEError("a shared expert (shared_width > 0) goes with the cmoe partition, and only with it.")
     if tomoe_config.attention != "none":
         raise ToMoEError("split-moe keeps attention dense: its ToMoE config must say attention='none'.")
@@ -199,7 +203,7 @@ class SplitMoERouting(HookedRouting):
     @property
     def kept_channels(self) -> int:
         """MLP channels a token uses: the shared expert's and those of its k routed experts."""
-        return self.shared_width + self.top_k * self.partition.shape[-1]
+        return kept_width(self.geometry.intermediate_size, self.num_experts, self.top_k, self.shared_width)
 
     def membership(self, index: int) -> torch.Tensor:
         """(N, intermediate) 0/1: which channels each expert of layer ``index`` owns."""
@@ -349,7 +353,7 @@ def initialize(model, routing: SplitMoERouting, calibration_ids: torch.Tensor, m
         magnitude = h.abs()  # (n, I)
         if method_config["partition"] == "random":
             partition = random_partition(routing.geometry.intermediate_size, routing.num_experts, generator)
-        elif method_config["partition"] == "cmoe":
+        elif method_config["partition"] == CMOE_PARTITION:
             shared, partition = carve_shared_and_routed(magnitude, routing, generator)
             routing.shared[index] = shared.to(routing.shared)
         else:

@@ -70,9 +70,18 @@ def matmul_cost(tokens: int, channels: int, row_bytes: int, model: dict) -> floa
     return channels * row_bytes * (1.0 + tokens / model["balance"]) + model["launch"]
 
 
-def _check_path(path: str) -> None:
+def effective_path(experts, hidden: torch.Tensor, path: str | None) -> str:
+    """``path`` (default ``experts.path``) after the rules both layouts share: no tokens -> ``reference``; one token
+    under ``auto`` or ``single`` -> ``single``; several under ``single`` -> ``grouped``."""
+    path = path or experts.path
     if path not in EXPERT_PATHS:
         raise ValueError(f"unknown experts path {path!r}; choose one of {', '.join(EXPERT_PATHS)}")
+    tokens = hidden.shape[0]
+    if path == "reference" or tokens == 0:
+        return "reference"
+    if path in ("auto", "single"):
+        return "single" if tokens == 1 else ("grouped" if path == "single" else path)
+    return path
 
 
 def _needs_grad(hidden: torch.Tensor, *weights: torch.Tensor) -> bool:
@@ -191,19 +200,17 @@ def choose_path(experts, counts: list[int], tokens: int, row_bytes: int, model: 
 
 def packed_forward(experts, hidden: torch.Tensor, expert_index: torch.Tensor, path: str | None = None) -> torch.Tensor:
     """(n, d) tokens and their expert (n,) -> (n, d) with the packed layout, by ``path`` (default ``experts.path``)."""
-    path = path or experts.path
-    _check_path(path)
-    tokens = hidden.shape[0]
-    if path == "reference" or tokens == 0:
+    path = effective_path(experts, hidden, path)
+    if path == "reference":
         return packed_reference_forward(experts, hidden, expert_index)
-    if tokens == 1 and path in ("auto", "single"):
+    if path == "single":
         return packed_expert_forward(experts, hidden, int(expert_index[0]))
     if path == "union" and not _needs_grad(hidden, experts.gate_up_proj, experts.down_proj):
         return packed_union_forward(experts, hidden, expert_index)
     counts = torch.bincount(expert_index, minlength=experts.num_experts).tolist()  # the one host sync
     if path == "auto" and sum(1 for count in counts if count) > 1:
         row_bytes = 3 * hidden.shape[-1] * experts.gate_up_proj.element_size()
-        path = choose_path(experts, counts, tokens, row_bytes, cost_model(experts, hidden.device))
+        path = choose_path(experts, counts, hidden.shape[0], row_bytes, cost_model(experts, hidden.device))
         if path == "union":
             return packed_union_forward(experts, hidden, expert_index)
     return packed_grouped_forward(experts, hidden, expert_index, counts)
@@ -246,12 +253,10 @@ def reference_forward(experts, hidden: torch.Tensor, expert_index: torch.Tensor)
 
 def stacked_forward(experts, hidden: torch.Tensor, expert_index: torch.Tensor, path: str | None = None) -> torch.Tensor:
     """(n, d) tokens and their expert (n,) -> (n, d) with the stacked layout (``union`` is ``grouped`` here)."""
-    path = path or experts.path
-    _check_path(path)
-    tokens = hidden.shape[0]
-    if path == "reference" or tokens == 0:
+    path = effective_path(experts, hidden, path)
+    if path == "reference":
         return reference_forward(experts, hidden, expert_index)
-    if tokens == 1 and path in ("auto", "single"):
+    if path == "single":
         return single_forward(experts, hidden, int(expert_index[0]))
     counts = torch.bincount(expert_index, minlength=experts.num_experts).tolist()  # the one host sync
     kernel = experts.grouped_kernel or ("grouped_mm" if hidden.device.type == "cuda" else "loop")
