@@ -59,6 +59,38 @@ def exported_decoder_ratio(model) -> float:
     return active / dense
 
 
+def check_loads_without_tomoe(model_dir: Path, sample_ids: torch.Tensor, scratch: Path) -> str:
+    """Load ``model_dir`` with ``trust_remote_code=True`` in a fresh interpreter where importing tomoe fails and check
+    its logits on ``sample_ids`` equal those of this process's load; returns the model's module name."""
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        torch.save({"ids": sample_ids, "logits": AutoModelForCausalLM.from_pretrained(model_dir)(sample_ids).logits}, scratch / "ref.pt")
+    script = f"""
+import sys, importlib.abc
+class NoTomoe(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "tomoe" or name.startswith("tomoe."):
+            raise ImportError("tomoe is not installed here")
+sys.meta_path.insert(0, NoTomoe())
+import torch
+from transformers import AutoModelForCausalLM
+ref = torch.load({str(scratch / 'ref.pt')!r})
+model = AutoModelForCausalLM.from_pretrained({str(model_dir)!r}, trust_remote_code=True)
+assert "tomoe" not in sys.modules
+with torch.no_grad():
+    assert torch.equal(model(ref["ids"]).logits, ref["logits"])
+print("remote code ok", type(model).__module__)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "remote code ok" in result.stdout
+    return result.stdout.split()[-1]
+
+
 @pytest.fixture
 def tiny_llama():
     return make_tiny_model(tiny_llama_config())

@@ -99,11 +99,17 @@ def mixtral_config(dense, routing: ToMoERouting, state: ForwardState, pad_to: in
     )
 
 
+def build_padded(model_class, config, width: int, dense, routing: ToMoERouting, state: ForwardState):
+    """A stock MoE model (``model_class`` of ``config``) with the dense model's shared weights and every expert
+    zero-padded to ``width`` channels."""
+    model = model_class(config).to(dense.dtype)
+    load_shared_weights(model, dense)
+    fill_padded_experts(dense, routing, state, model, width)
+    return model.eval()
+
+
 def build_mixtral(dense, routing: ToMoERouting, state: ForwardState, pad_to: int = DEFAULT_PAD_TO):
     from transformers import MixtralForCausalLM
 
     config = mixtral_config(dense, routing, state, pad_to)
-    model = MixtralForCausalLM(config).to(dense.dtype)
-    load_shared_weights(model, dense)
-    fill_padded_experts(dense, routing, state, model, config.intermediate_size)
-    return model.eval()
+    return build_padded(MixtralForCausalLM, config, config.intermediate_size, dense, routing, state)

@@ -11,7 +11,7 @@ gate/up row and down column add ``act(0) * 0 = 0``. Every layer is sparse (``dec
 from __future__ import annotations
 
 from tomoe.errors import ToMoEError
-from tomoe.export.mixtral import DEFAULT_PAD_TO, check_dense_attention_run, fill_padded_experts, load_shared_weights, padded_width
+from tomoe.export.mixtral import DEFAULT_PAD_TO, build_padded, check_dense_attention_run, padded_width
 from tomoe.patch import ForwardState, ToMoERouting
 
 # Run families the layout holds; the first one's adapter reads the layout's shapes back (tomoe report).
@@ -62,7 +62,4 @@ def build_qwen3_moe(dense, routing: ToMoERouting, state: ForwardState, pad_to: i
     from transformers import Qwen3MoeForCausalLM
 
     config = qwen3_moe_config(dense, routing, state, pad_to)
-    model = Qwen3MoeForCausalLM(config).to(dense.dtype)
-    load_shared_weights(model, dense)
-    fill_padded_experts(dense, routing, state, model, config.moe_intermediate_size)
-    return model.eval()
+    return build_padded(Qwen3MoeForCausalLM, config, config.moe_intermediate_size, dense, routing, state)
