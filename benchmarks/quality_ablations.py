@@ -36,7 +36,10 @@ from quality import BUDGETS, budget_train_config  # the benchmark these ablation
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_EXPERTS = 8
-BALANCE_BEFORE = {"kd_weight": 1.0, "gamma": float(NUM_EXPERTS)}  # R_L = N sum F P is gamma = N on today's sum F P
+# The before-* rows were trained before alpha's integral scale existed, i.e. at budget_gain 0 (compare them with
+# constant-alpha); rows added later set it so that they stay comparable.
+CONSTANT_ALPHA = {"budget_gain": 0.0}
+BALANCE_BEFORE = {"kd_weight": 1.0, "gamma": float(NUM_EXPERTS), **CONSTANT_ALPHA}  # R_L = N sum F P is gamma = N on today's sum F P
 # variant -> (ToMoEConfig changes, TrainConfig changes, code swapped in (see swapped_code), what it shows)
 VARIANTS: dict[str, tuple[dict, dict, tuple[str, ...], str]] = {
     "default": ({}, {}, (), "today's defaults (attention auto: dense on SmolLM2's 64-dim heads; R_U at a fifth of its gradient; alpha's integral scale)"),
@@ -44,11 +47,11 @@ VARIANTS: dict[str, tuple[dict, dict, tuple[str, ...], str]] = {
     "before-balance": (BALANCE_BEFORE, {}, (), "item 2: KD x1 and R_L = N sum F P"),
     "reference-mask-twice": ({}, {}, ("mask-twice",), "item 2: the MLP mask on act(gate) and on up (squared), as the reference"),
     "before-per-token": ({}, {}, ("shared-mask-sample",), "item 3: one mask sample per expert, shared by all tokens"),
-    "before-warmup": ({"budget_warmup": 0.0}, {}, (), "item 4: R_P aims at p from the first step"),
+    "before-warmup": ({"budget_warmup": 0.0, **CONSTANT_ALPHA}, {}, (), "item 4: R_P aims at p from the first step"),
     "attention-dynamic": ({"attention": "dynamic"}, {}, (), "item 5: attention pruned too (static Q/K, per-token V/O)"),
     "attention-floor-0.9": ({"attention": "dynamic", "attention_floor": 0.9}, {}, (), "item 5: pruned attention keeps >= 90% of its weights"),
     "lr-3e-3": ({}, {"lr": 3e-3}, (), "a smaller learning rate"),
-    "constant-alpha": ({"budget_gain": 0.0}, {}, (), "alpha constant (the paper's), without the integral scale that drives the ratio to its target"),
+    "constant-alpha": (CONSTANT_ALPHA, {}, (), "alpha constant (the paper's), without the integral scale that drives the ratio to its target"),
     "before-union-gradient": ({}, {}, ("full-union-gradient",), "item 2: R_U with its whole gradient instead of the reference's fifth"),
 }
 
