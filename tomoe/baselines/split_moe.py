@@ -138,7 +138,7 @@ def _check_experts(geometry: Geometry, experts, shared_width: int = 0) -> None:
     routed_channels = geometry.intermediate_size - shared_width
     if routed_channels % experts:
         where = f"the {routed_channels} channels outside the shared expert" if shared_width else f"the MLP width {routed_channels}"
-        divisors = ", ".join(str(n) for n in range(2, MAX_AUTO_EXPERTS + 1) if routed_channels % n == 0) or "none up to 64"
+        divisors = ", ".join(str(n) for n in range(2, MAX_AUTO_EXPERTS + 1) if routed_channels % n == 0) or f"none up to {MAX_AUTO_EXPERTS}"
         raise ToMoEError(f"split-moe experts are equal splits: {experts} routed experts do not divide {where}; "
                          f"choose a number of experts that divides it (e.g. {divisors}).")
 
