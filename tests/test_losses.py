@@ -30,7 +30,7 @@ def test_kd_is_forward_kl_over_non_padding_tokens_and_chunking_does_not_change_i
     head = torch.nn.Linear(8, 50, bias=False)
     student, teacher = torch.randn(2, 6, 8, requires_grad=True), torch.randn(2, 6, 8)
     token_mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
-    expected = 0.0
+    expected = torch.zeros(())
     for b in range(2):
         for t in range(6):
             if token_mask[b, t]:
@@ -44,7 +44,11 @@ def test_kd_is_forward_kl_over_non_padding_tokens_and_chunking_does_not_change_i
     torch.testing.assert_close(chunked, expected)
     (grad_whole,) = torch.autograd.grad(whole, student)
     (grad_chunked,) = torch.autograd.grad(chunked, student)
-    torch.testing.assert_close(grad_whole, grad_chunked)
+    (grad_expected,) = torch.autograd.grad(expected, student)
+    torch.testing.assert_close(grad_whole, grad_expected)  # the gradient found during the forward is the true one
+    torch.testing.assert_close(grad_chunked, grad_expected)
+    with torch.no_grad():  # no gradient wanted: the same value
+        torch.testing.assert_close(kd_loss(student, teacher, head, token_mask, chunk_tokens=3), expected.detach())
     assert kd_loss(teacher, teacher, head, token_mask).item() < 1e-6
 
 
