@@ -34,11 +34,11 @@ def kd_loss(
     """
     student = student_hidden[token_mask]  # (n, d)
     teacher = teacher_hidden[token_mask]
+    chunks = [slice(start, start + chunk_tokens) for start in range(0, student.shape[0], chunk_tokens)]
     if torch.is_grad_enabled() and student.requires_grad:
-        total = _ChunkedKL.apply(student, teacher, logits_fn, chunk_tokens)
+        total = _ChunkedKL.apply(student, teacher, logits_fn, chunks)
     else:
-        total = sum((_kl_sum(student[i : i + chunk_tokens], teacher[i : i + chunk_tokens], logits_fn)
-                     for i in range(0, student.shape[0], chunk_tokens)), student.new_zeros((), dtype=torch.float32))
+        total = sum((_kl_sum(student[chunk], teacher[chunk], logits_fn) for chunk in chunks), student.new_zeros((), dtype=torch.float32))
     return total / max(student.shape[0], 1)
 
 
@@ -50,11 +50,10 @@ class _ChunkedKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, logits_fn, chunk_tokens: int) -> torch.Tensor:
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, logits_fn, chunks: list[slice]) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float32, device=student.device)
         grad = torch.empty_like(student)
-        for start in range(0, student.shape[0], chunk_tokens):
-            chunk = slice(start, start + chunk_tokens)
+        for chunk in chunks:
             with torch.enable_grad():
                 hidden = student[chunk].detach().requires_grad_()
                 kl = _kl_sum(hidden, teacher[chunk], logits_fn)
