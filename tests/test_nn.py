@@ -2,9 +2,11 @@
 
 import math
 
+import pytest
 import torch
 
 from tomoe.config import ToMoEConfig
+from tomoe.errors import ToMoEError
 from tomoe.families import LLAMA
 from tomoe.nn import AttentionRouting, HyperNetwork, MLPRouting, st_gumbel_sigmoid, st_gumbel_softmax
 from tomoe.patch import attach
@@ -149,3 +151,27 @@ def test_student_starts_as_its_teacher_at_offset_3(tiny_llama):
     assert all(bool(m.eq(1).all()) for m in [*state.expert_masks, *state.qk_masks, *state.vo_masks])
     assert len({e for one_hot, _ in state.routes for e in one_hot.argmax(-1).flatten().tolist()}) > 1  # routing is live
     assert torch.equal(student, dense)
+
+
+def test_hypernetwork_gru_trains_at_its_fraction_of_the_learning_rate(tiny_llama):
+    """AdamW's first step moves every parameter by lr * sign(gradient) (plus decay); the GRU's by lr * scale."""
+    lr = 1e-2
+    routing = attach(tiny_llama, ToMoEConfig(num_experts=4, hypernet_lr_scale=0.1))
+    gru = list(routing.hypernet.gru.parameters())
+    groups = routing.parameter_groups(lr)
+    assert [g["lr"] for g in groups] == [lr, lr * 0.1]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in gru}
+    assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in routing.parameters()}
+    before = [p.detach().clone() for p in routing.parameters()]
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
+    sum(p.sum() for p in routing.parameters()).backward()  # gradient 1 everywhere
+    optimizer.step()
+    for p, old in zip(routing.parameters(), before):
+        expected = lr * 0.1 if any(p is g for g in gru) else lr
+        torch.testing.assert_close(old - p.detach(), torch.full_like(old, expected), rtol=1e-4, atol=1e-7)
+    # Scale 1 is a single group (runs written before the scale existed have one), and those runs read as scale 1.
+    assert len(attach(tiny_llama, ToMoEConfig(hypernet_lr_scale=1.0)).parameter_groups(lr)) == 1
+    stored = {k: v for k, v in ToMoEConfig().to_dict().items() if k != "hypernet_lr_scale"}
+    assert ToMoEConfig.from_dict(stored).hypernet_lr_scale == 1.0
+    with pytest.raises(ToMoEError, match="hypernet-lr-scale must be a finite number >= 0, got -0.1"):
+        ToMoEConfig(hypernet_lr_scale=-0.1)

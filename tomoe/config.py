@@ -38,6 +38,10 @@ class ToMoEConfig:
     # the paper's constant alpha.
     budget_gain: float = 0.5
     hypernet_seed: int = 0  # seed of the fixed hypernetwork inputs z
+    # The Bi-GRU's learning rate as a fraction of the run's. At the full rate its outputs saturate (|E| near the tanh
+    # bound, cosine 0.99 between the experts of a layer after 60 steps at lr 1e-2) and the N experts get the same
+    # masks; a tenth keeps them apart (benchmarks/quality_ablations.py, row before-hypernet-lr).
+    hypernet_lr_scale: float = 0.1
 
     def __post_init__(self) -> None:
         self.validate()
@@ -55,6 +59,8 @@ class ToMoEConfig:
                 raise ToMoEError(f"{name.replace('_', '-')} must be a number in [0, 1], got {value!r}.")
         if not isinstance(self.budget_gain, (int, float)) or not 0.0 <= self.budget_gain < float("inf"):
             raise ToMoEError(f"budget-gain must be a finite number >= 0, got {self.budget_gain!r}.")
+        if not isinstance(self.hypernet_lr_scale, (int, float)) or not 0.0 <= self.hypernet_lr_scale < float("inf"):
+            raise ToMoEError(f"hypernet-lr-scale must be a finite number >= 0, got {self.hypernet_lr_scale!r}.")
         if not isinstance(self.kd_weight, (int, float)) or not self.kd_weight > 0 or self.kd_weight == float("inf"):
             raise ToMoEError(f"kd-weight must be a finite number > 0, got {self.kd_weight!r}.")
         if self.tau <= 0:
@@ -71,4 +77,5 @@ class ToMoEConfig:
         unknown = set(values) - known
         if unknown:
             raise ToMoEError(f"unknown ToMoE config keys {sorted(unknown)}; known keys: {sorted(known)}.")
-        return cls(**values)
+        # Runs written before hypernet_lr_scale existed trained the Bi-GRU at the full learning rate.
+        return cls(**{"hypernet_lr_scale": 1.0, **values})

@@ -61,6 +61,10 @@ class HookedRouting(nn.Module):
         self._model = [model]  # a list, so the frozen model is not registered as a submodule
         self._handles: list = []
 
+    def parameter_groups(self, lr: float) -> list[dict]:
+        """The optimizer's parameter groups: every trainable parameter at ``lr``."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
+
     def detach(self) -> None:
         """Remove every hook: the model is the plain dense model again."""
         for handle in self._handles:
@@ -167,6 +171,14 @@ class ToMoERouting(HookedRouting):
         self.to(next(model.parameters()).device)
 
     # ----------------------------------------------------------------------------------------------- hooks
+    def parameter_groups(self, lr: float) -> list[dict]:
+        """The Bi-GRU at ``lr * config.hypernet_lr_scale`` (see ToMoEConfig), everything else at ``lr``."""
+        if self.config.hypernet_lr_scale == 1.0:  # one group, as runs written before the scale existed have
+            return super().parameter_groups(lr)
+        hypernet = list(self.hypernet.parameters())
+        others = [p for p in self.parameters() if p.requires_grad and all(p is not h for h in hypernet)]
+        return [{"params": others, "lr": lr}, {"params": hypernet, "lr": lr * self.config.hypernet_lr_scale}]
+
     def _attach_hooks(self, model: nn.Module) -> None:
         family = self.family
         for index, layer in enumerate(self._hook_decoder(model, self._begin_forward)):

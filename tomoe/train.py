@@ -294,7 +294,7 @@ def start_training(run_dir: Path, plan: RunPlan, accelerator: Accelerator) -> Tr
     routing.train()
     if tc.gradient_checkpointing:
         enable_gradient_checkpointing(model, family)
-    optimizer = torch.optim.AdamW(routing.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = torch.optim.AdamW(routing.parameter_groups(tc.lr), lr=tc.lr, weight_decay=tc.weight_decay)
 
     start = 0
     info = existing or RunInfo(tomoe=plan.tomoe, train=tc, family=family.name, world_size=world, method=method.name,
