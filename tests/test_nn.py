@@ -169,8 +169,10 @@ def test_hypernetwork_gru_trains_at_its_fraction_of_the_learning_rate(tiny_llama
     for p, old in zip(routing.parameters(), before):
         expected = lr * 0.1 if any(p is g for g in gru) else lr
         torch.testing.assert_close(old - p.detach(), torch.full_like(old, expected), rtol=1e-4, atol=1e-7)
-    # Scale 1 is a single group (runs written before the scale existed have one), and those runs read as scale 1.
+    # Scale 1 is a single group (runs written before the scale existed have one), and those runs read as scale 1;
+    # one expert trains its Bi-GRU at the full rate.
     assert len(attach(tiny_llama, ToMoEConfig(hypernet_lr_scale=1.0)).parameter_groups(lr)) == 1
+    assert [g["lr"] for g in attach(tiny_llama, ToMoEConfig(num_experts=1)).parameter_groups(lr)] == [lr]
     stored = {k: v for k, v in ToMoEConfig().to_dict().items() if k != "hypernet_lr_scale"}
     assert ToMoEConfig.from_dict(stored).hypernet_lr_scale == 1.0
     with pytest.raises(ToMoEError, match="hypernet-lr-scale must be a finite number >= 0, got -0.1"):

@@ -40,7 +40,8 @@ class ToMoEConfig:
     hypernet_seed: int = 0  # seed of the fixed hypernetwork inputs z
     # The Bi-GRU's learning rate as a fraction of the run's. At the full rate its outputs saturate (|E| near the tanh
     # bound, cosine 0.99 between the experts of a layer after 60 steps at lr 1e-2) and the N experts get the same
-    # masks; a tenth keeps them apart (benchmarks/quality_ablations.py, row before-hypernet-lr).
+    # masks; a tenth keeps them apart (benchmarks/quality_ablations.py, row before-hypernet-lr). One-expert runs
+    # (static-learned) keep the full rate (ToMoERouting.parameter_groups).
     hypernet_lr_scale: float = 0.1
 
     def __post_init__(self) -> None:
