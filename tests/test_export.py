@@ -210,7 +210,8 @@ def test_qwen2_moe_export_loads_as_stock_qwen2_moe_and_matches(runs, sample_ids)
     packed = model_info(runs / "dense-attn-moe")
     assert [entry["expert_widths"] for entry in info["layers"]] == [entry["expert_widths"] for entry in packed["layers"]]
     assert info["format"] == "qwen2_moe" and info["decoder_active_ratio"] == pytest.approx(packed["decoder_active_ratio"], rel=1e-9)
-    assert all(0 < entry["shared_width"] <= stock.config.shared_expert_intermediate_size for entry in info["layers"])
+    # a layer whose experts share no channel has shared width 0 (experts differ since the Bi-GRU's smaller lr)
+    assert all(0 <= entry["shared_width"] <= stock.config.shared_expert_intermediate_size for entry in info["layers"])
 
 
 def test_info_active_ratio_matches_brute_force_count(runs, capsys):
