@@ -170,7 +170,6 @@ class ToMoERouting(HookedRouting):
         self._attach_hooks(model)
         self.to(next(model.parameters()).device)
 
-    # ----------------------------------------------------------------------------------------------- hooks
     def parameter_groups(self, lr: float) -> list[dict]:
         """The Bi-GRU at ``lr * config.hypernet_lr_scale`` (see ToMoEConfig), everything else at ``lr``.
 
@@ -181,9 +180,11 @@ class ToMoERouting(HookedRouting):
         if self.config.hypernet_lr_scale == 1.0 or self.config.num_experts == 1:
             return super().parameter_groups(lr)
         hypernet = list(self.hypernet.parameters())
-        others = [p for p in self.parameters() if p.requires_grad and all(p is not h for h in hypernet)]
+        in_hypernet = {id(p) for p in hypernet}
+        others = [p for p in self.parameters() if p.requires_grad and id(p) not in in_hypernet]
         return [{"params": others, "lr": lr}, {"params": hypernet, "lr": lr * self.config.hypernet_lr_scale}]
 
+    # ----------------------------------------------------------------------------------------------- hooks
     def _attach_hooks(self, model: nn.Module) -> None:
         family = self.family
         for index, layer in enumerate(self._hook_decoder(model, self._begin_forward)):
