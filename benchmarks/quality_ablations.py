@@ -55,6 +55,8 @@ VARIANTS: dict[str, tuple[dict, dict, tuple[str, ...], str]] = {
     "attention-dynamic": ({"attention": "dynamic", **FULL_GRU_LR}, {}, (), "item 5: attention pruned too (static Q/K, per-token V/O)"),
     "attention-floor-0.9": ({"attention": "dynamic", "attention_floor": 0.9}, {}, (), "item 5: pruned attention keeps >= 90% of its weights"),
     "lr-3e-3": ({}, {"lr": 3e-3}, (), "a smaller learning rate"),
+    "lr-decay-0.2": ({}, {"lr_decay": 0.2}, (), "the learning rate decays linearly to 0 over the last 20% of the steps"),
+    "lr-decay-0.5": ({}, {"lr_decay": 0.5}, (), "the learning rate decays linearly to 0 over the second half (after the target warm-up)"),
     "constant-alpha": (CONSTANT_ALPHA, {}, (), "alpha constant (the paper's), without the integral scale that drives the ratio to its target"),
     "before-union-gradient": (FULL_GRU_LR, {}, ("full-union-gradient",), "item 2: R_U with its whole gradient instead of the reference's fifth"),
 }
@@ -191,8 +193,12 @@ def main(argv: list[str] | None = None) -> int:
         for variant in variants:
             row = run_variant(variant, args.target, args.ppl_windows, wikitext, work)
             print(f"{variant}: active {row['active_ratio']:.3f}, ppl {row['wikitext2_ppl']:.2f}, final KD {row['final_kd']:.3f}", flush=True)
-    # every cached row, of every target, in the order of VARIANTS
-    rows = [json.loads(path.read_text()) for v in VARIANTS for path in sorted(work.glob(f"{v}-p*.json"))]
+    # every row of every target, in the order of VARIANTS: the work directory's cached rows, then those of the existing
+    # table whose runs are not on this machine
+    published = Path(args.out_dir) / "quality_ablations.json"
+    by_key = {(r["variant"], r["target_active"]): r for r in (json.loads(published.read_text()) if published.is_file() else [])}
+    by_key |= {(r["variant"], r["target_active"]): r for r in (json.loads(p.read_text()) for p in work.glob("*-p*.json"))}
+    rows = sorted((r for r in by_key.values() if r["variant"] in VARIANTS), key=lambda r: list(VARIANTS).index(r["variant"]))
     if rows:
         print(write_table(rows, Path(args.out_dir), "python benchmarks/quality_ablations.py --table-only"))
     return 0

@@ -58,6 +58,15 @@ def test_loop_scales_alpha_by_the_logged_ratio_gaps(tmp_path, tiny_model_dir, ti
     assert scale > 1.5  # the ratio starts far above 0.3, so alpha has grown
 
 
+def test_lr_decays_linearly_to_zero_over_the_final_fraction_of_the_steps(tmp_path, tiny_model_dir, tiny_text_file):
+    config = _train_config(tiny_model_dir, tiny_text_file, steps=8, log_every=1, lr=0.01, lr_decay=0.5)
+    convert(tmp_path / "run", ToMoEConfig(), config, progress=False)
+    # steps 1-4 at the full rate, then 4/4, 3/4, 2/4, 1/4 of it over the last half (logged after each step)
+    assert [r["lr"] for r in read_log(tmp_path / "run")] == pytest.approx([0.01] * 5 + [0.0075, 0.005, 0.0025])
+    with pytest.raises(ToMoEError, match=r"lr-decay must be a fraction of the steps in \[0, 1\]"):
+        TrainConfig(lr_decay=1.5).validate()
+
+
 def test_same_seed_same_result_and_other_seed_differs(tmp_path, tiny_model_dir, tiny_text_file):
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
         convert(tmp_path / name, ToMoEConfig(attention="dynamic"), _train_config(tiny_model_dir, tiny_text_file, seed=seed), progress=False)
@@ -67,7 +76,7 @@ def test_same_seed_same_result_and_other_seed_differs(tmp_path, tiny_model_dir, 
 
 
 def test_resume_after_interruption_reproduces_uninterrupted_run(tmp_path, tiny_model_dir, tiny_text_file, monkeypatch):
-    config = _train_config(tiny_model_dir, tiny_text_file)
+    config = _train_config(tiny_model_dir, tiny_text_file, lr_decay=0.5)  # the decay continues where it was cut
     convert(tmp_path / "full", ToMoEConfig(attention="dynamic"), config, progress=False)
 
     real_step, calls = tomoe.train.training_step, {"n": 0}

@@ -57,6 +57,10 @@ class TrainConfig:
     seq_len: int = 2048
     batch_size: int = 1
     lr: float = 1e-3
+    # The learning rate falls linearly to 0 over this final fraction of the steps (0: constant, as the paper's
+    # reference code). Why: at a constant rate the last steps' masks keep moving with the Gumbel noise; a short decay
+    # settles them before export (benchmarks/quality_ablations.py, row lr-decay).
+    lr_decay: float = 0.0
     weight_decay: float = 0.05
     seed: int = 0
     log_every: int = 10
@@ -82,6 +86,8 @@ class TrainConfig:
             raise ToMoEError(f"seq-len must be at least 2 tokens, got {self.seq_len}.")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):  # inf would log Infinity
             raise ToMoEError(f"lr (learning rate) must be a finite number > 0, got {self.lr!r} (paper 1e-3, quick preset 1e-2).")
+        if not (isinstance(self.lr_decay, (int, float)) and 0.0 <= self.lr_decay <= 1.0):
+            raise ToMoEError(f"lr-decay must be a fraction of the steps in [0, 1], got {self.lr_decay!r} (0 keeps the rate constant).")
         if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ToMoEError(f"weight decay must be a finite number >= 0, got {self.weight_decay!r}.")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:

@@ -189,6 +189,8 @@ def convert(
         values, grad_norm = accumulate_gradients(run, step)
         if not (math.isfinite(values["loss"]) and math.isfinite(grad_norm)):  # the same verdict on every process
             stop_non_finite(run, step, values, grad_norm)
+        for group, base_lr in zip(run.optimizer.param_groups, run.base_lrs):
+            group["lr"] = base_lr * lr_scale(step, tc.steps, tc.lr_decay)
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
         if isinstance(run.routing, ToMoERouting):
@@ -208,6 +210,16 @@ def convert(
     return finish(run, began)
 
 
+def lr_scale(step: int, steps: int, decay: float) -> float:
+    """The factor on the learning rate at ``step`` (0-based) of ``steps``: 1, then linearly down to 1 / decay-steps at
+    the last step over the final ``decay`` fraction of the steps (TrainConfig.lr_decay). A function of the step alone,
+    so a resumed run continues the same schedule."""
+    decay_steps = round(decay * steps)
+    if decay_steps <= 0:
+        return 1.0
+    return min(1.0, (steps - step) / decay_steps)
+
+
 @dataclass
 class Training:
     """What the loop reads and updates, built once by :func:`start_training`."""
@@ -223,6 +235,7 @@ class Training:
     sampler: BlockSampler  # the global batch of every step
     eval_blocks: torch.Tensor  # held-out blocks for the final measurement
     start: int  # the first step to run (a resumed checkpoint's step)
+    base_lrs: list[float]  # each optimizer group's learning rate before the decay (tomoe.train.lr_scale)
     last_saved: int  # the step of the last complete checkpoint
 
     @property
@@ -294,7 +307,8 @@ def start_training(run_dir: Path, plan: RunPlan, accelerator: Accelerator) -> Tr
     routing.train()
     if tc.gradient_checkpointing:
         enable_gradient_checkpointing(model, family)
-    optimizer = torch.optim.AdamW(routing.parameter_groups(tc.lr), lr=tc.lr, weight_decay=tc.weight_decay)
+    groups = routing.parameter_groups(tc.lr)
+    optimizer = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
 
     start = 0
     info = existing or RunInfo(tomoe=plan.tomoe, train=tc, family=family.name, world_size=world, method=method.name,
@@ -314,7 +328,8 @@ def start_training(run_dir: Path, plan: RunPlan, accelerator: Accelerator) -> Tr
         write_run(run_dir, info)
     params = [p for p in routing.parameters() if p.requires_grad]
     return Training(run_dir, info, method, accelerator, model, routing, optimizer, params,
-                    BlockSampler(train_blocks, global_batch, tc.seed), eval_blocks, start, last_saved=start)
+                    BlockSampler(train_blocks, global_batch, tc.seed), eval_blocks, start, [g["lr"] for g in groups],
+                    last_saved=start)
 
 
 def load_frozen_model(source: ModelSource, family: FamilyAdapter, tc: TrainConfig, accelerator: Accelerator, fsdp: bool):
@@ -373,7 +388,7 @@ def stop_non_finite(run: Training, step: int, values: dict[str, float], grad_nor
 def log_step(run: Training, done: int, values: dict[str, float], grad_norm: float, elapsed: float) -> None:
     """Append the line of step ``done`` to the run's log.jsonl."""
     tc = run.train
-    record = {"step": done, **values, "grad_norm": round(grad_norm, 6), "lr": tc.lr,
+    record = {"step": done, **values, "grad_norm": round(grad_norm, 6), "lr": run.optimizer.param_groups[0]["lr"],
               "tokens": done * run.global_batch * tc.seq_len, "elapsed_s": round(elapsed, 2)}
     if isinstance(run.routing, ToMoERouting):
         record["budget_target"] = round(run.routing.budget_target, 6)

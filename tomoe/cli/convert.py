@@ -47,6 +47,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, steps_help: str = "t
     parser.add_argument("--seq-len", type=int, metavar="T", help="tokens per sequence (overrides the preset)")
     parser.add_argument("--batch-size", type=int, metavar="B", help="sequences per micro-batch and process (overrides the preset)")
     parser.add_argument("--lr", type=float, help="AdamW learning rate (overrides the preset; paper 1e-3, quick 1e-2)")
+    parser.add_argument("--lr-decay", type=float, metavar="FRACTION", help="decay the learning rate linearly to 0 over "
+                        "this final fraction of the steps (overrides the preset; 0: constant)")
     parser.add_argument("--seed", type=int, help="seed; a CPU run with the same seed and thread count is reproducible (default 0)")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, with its own "
@@ -58,7 +60,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, steps_help: str = "t
 
 DEFAULT_PRESET = "paper"
 # Training flags that override the preset when given (a sub-command may have only some of them).
-TRAIN_OVERRIDES = ("steps", "seq_len", "batch_size", "lr", "grad_accum", "save_every", "log_every")
+TRAIN_OVERRIDES = ("steps", "seq_len", "batch_size", "lr", "lr_decay", "grad_accum", "save_every", "log_every")
 # Settings a resumed run may change: how often it logs and checkpoints (what its steps compute stays the same).
 RESUME_MAY_CHANGE = ("save_every", "log_every")
 
