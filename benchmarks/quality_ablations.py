@@ -196,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         for variant in variants:
             row = run_variant(variant, args.target, args.ppl_windows, wikitext, work)
             print(f"{variant}: active {row['active_ratio']:.3f}, ppl {row['wikitext2_ppl']:.2f}, final KD {row['final_kd']:.3f}", flush=True)
-    # every row of every target, in the order of VARIANTS: the work directory's cached rows, then those of the existing
-    # table whose runs are not on this machine
+    # every row of every target, in the order of VARIANTS: the published table's rows, each replaced by the work
+    # directory's row of the same variant and target where this machine has one
     published = Path(args.out_dir) / "quality_ablations.json"
     by_key = {(r["variant"], r["target_active"]): r for r in (json.loads(published.read_text()) if published.is_file() else [])}
     by_key |= {(r["variant"], r["target_active"]): r for r in (json.loads(p.read_text()) for p in work.glob("*-p*.json"))}

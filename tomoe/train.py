@@ -189,8 +189,9 @@ def convert(
         values, grad_norm = accumulate_gradients(run, step)
         if not (math.isfinite(values["loss"]) and math.isfinite(grad_norm)):  # the same verdict on every process
             stop_non_finite(run, step, values, grad_norm)
+        lr_factor = lr_scale(step, tc.steps, tc.lr_decay)
         for group, base_lr in zip(run.optimizer.param_groups, run.base_lrs):
-            group["lr"] = base_lr * lr_scale(step, tc.steps, tc.lr_decay)
+            group["lr"] = base_lr * lr_factor
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
         if isinstance(run.routing, ToMoERouting):
