@@ -103,6 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ppl-windows", type=int, help="perplexity over the first W windows of 2048 tokens (overrides the budget; quick: 8)")
     parser.add_argument("--no-dense", action="store_true", help="leave out the dense row")
     parser.add_argument("--no-speed", action="store_true", help="do not measure speed-ups (rows keep any measured before)")
+    parser.add_argument("--train-only", action="store_true",
+                        help="train the run directories and stop (e.g. on a GPU machine); a later run without it evaluates them")
     parser.add_argument("--report-only", action="store_true", help="train, evaluate and measure nothing: rebuild the report from the cached rows")
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"), help="folder with wikitext2/ and zeroshot/ (default ../shared/data)")
     parser.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"), help="where quality.json and quality.md go")
@@ -290,10 +292,11 @@ def row_for_run(method: str, target: float, info, evaluation: dict, speed: dict 
         **speed_fields(speed),
         "train_tokens": steps * result["global_batch"] * train.seq_len,
         "device": device,
+        "train_device": result.get("train_device", "cpu"),  # runs finished before it was recorded trained on a CPU
         "steps": steps,
         "final_kd": result.get("final_kd"),
         "train_seconds": result.get("train_seconds"),
-        "budget_settings": budget_settings(settings),
+        "budget_settings": {**budget_settings(settings), "bf16": bool(train.bf16)},  # as the run resolved it
     }
     if info.method == "split-moe":
         row.update(experts=result["num_experts"], top_k=result["top_k"], partition=info.method_config["partition"],
@@ -398,8 +401,10 @@ def budget_section(budget: str, rows: list[dict]) -> list[str]:
         kd = "-" if row.get("final_kd") is None else f"{row['final_kd']:.3f}"
         speeds = " | ".join("-" if row.get(field) is None else f"{row[field]:.2f}x" for field in SPEED_PHASES.values())
         shared = f", shared {row['shared_width']} channels" if row.get("shared_width") else ""
+        trained_on = row.get("train_device", "cpu")
         note = "; ".join(filter(None, [f"N={row['experts']}, k={row['top_k']}{shared}" if "experts" in row else "",
-                                       row.get("speed", {}).get("speed_path", "")]))
+                                       row.get("speed", {}).get("speed_path", ""),
+                                       f"trained on {trained_on}" if row.get("train_tokens") and trained_on != "cpu" else ""]))
         lines.append(f"| {row['target_active']:g} | {row['method']} | {row['active_ratio']:.3f} | {ppl} | {_percent(row['zeroshot_avg'])} | "
                      + " | ".join(tasks) + f" | {speeds} | {row['train_tokens']:,} | {kd} | {note} |")
     lines += ["", "Lowest perplexity among the structured methods at each ratio (bold above), and TEAL's:", ""]
@@ -493,7 +498,7 @@ def run(args: argparse.Namespace) -> int:
     if args.notes and not notes.strip():
         raise ToMoEError(f"--notes {args.notes} is empty.")
     wikitext = data_dir = None
-    if not args.report_only:
+    if not (args.report_only or args.train_only):
         data_dir = resolve_data_dir(args.data_dir)
         local_task_root(list(TASK_METRICS), data_dir)  # every zero-shot file is there, before any training
         _, wikitext, _ = ppl_rows("wikitext2", None, data_dir)
@@ -528,6 +533,13 @@ def run(args: argparse.Namespace) -> int:
         plotted = plot_speed(merged, out / "quality_speed.png")
         atomic_write_text(out / "quality.md", markdown(merged, notes, "quality_speed.png" if plotted else None))
 
+    if args.train_only:
+        for target in settings["ratios"]:
+            for method in settings["methods"]:
+                run_dir = work / "runs" / f"{method}-p{round(target * 100):d}-{budget}"
+                info = build_run(method, target, train_config, run_dir, progress=not args.quiet, cpu=device == "cpu")
+                print(f"trained: {run_dir} ({info.result['train_seconds']} s on {info.result['train_device']})", flush=True)
+        return 0
     print(TABLE_HEADER, flush=True)
     if not args.no_dense:
         evaluation = result(work / "evals" / f"dense-{evals}.json", partial(evaluate, None, wikitext, data_dir, settings, device))

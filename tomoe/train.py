@@ -426,6 +426,7 @@ def finish(run: Training, began: float) -> RunInfo:
         "final_kd": _last_logged(run.run_dir, "kd") if run.main else None,
         "target_active": info.tomoe.target_active,
         "train_seconds": round(time.time() - began, 1),
+        "train_device": _device_name(run.device, run.accelerator.num_processes),
         "global_batch": run.global_batch,
         **summary,
     }
@@ -433,6 +434,12 @@ def finish(run: Training, began: float) -> RunInfo:
         write_run(run.run_dir, info)
     run.accelerator.wait_for_everyone()
     return info
+
+
+def _device_name(device: torch.device, processes: int) -> str:
+    """Where the run trained, as a benchmark table names it: ``cpu``, ``NVIDIA H200``, ``4 x NVIDIA H100``."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return f"{processes} x {name}" if processes > 1 else name
 
 
 def _summarize_tomoe(model, routing, eval_blocks: torch.Tensor) -> dict:
