@@ -55,6 +55,7 @@ VARIANTS: dict[str, tuple[dict, dict, tuple[str, ...], str]] = {
     "attention-dynamic": ({"attention": "dynamic", **FULL_GRU_LR}, {}, (), "item 5: attention pruned too (static Q/K, per-token V/O)"),
     "attention-floor-0.9": ({"attention": "dynamic", "attention_floor": 0.9}, {}, (), "item 5: pruned attention keeps >= 90% of its weights"),
     "warmup-0.25": ({"budget_warmup": 0.25}, {}, (), "R_P's target anneals from 1 to p over the first quarter of the steps instead of the first half"),
+    "warmup-0.75": ({"budget_warmup": 0.75}, {}, (), "R_P's target anneals from 1 to p over the first three quarters of the steps instead of the first half"),
     "warmup-0": ({"budget_warmup": 0.0}, {}, (), "R_P aims at p from the first step (alpha's integral scale and the Bi-GRU's lr as today's)"),
     "lr-3e-3": ({}, {"lr": 3e-3}, (), "a smaller learning rate"),
     "lr-decay-0.2": ({}, {"lr_decay": 0.2}, (), "the learning rate decays linearly to 0 over the last 20% of the steps"),
