@@ -370,10 +370,13 @@ def budget_section(budget: str, rows: list[dict]) -> list[str]:
     tokens = settings["steps"] * settings["batch_size"] * settings["seq_len"]
     windows = f"the first {settings['ppl_windows']} windows" if settings["ppl_windows"] else "all windows"
     limit = f"the first {settings['limit']} examples of each task, `--limit {settings['limit']}`" if settings["limit"] else "the full task sets"
+    base = budget.removesuffix("-custom")
+    overrides = (f"`--budget {base}` with the command line's overrides (each row's `command` in quality.json; "
+                 f"{base}: {BUDGETS[base]['steps']:,} steps). " if base != budget and base in BUDGETS else "")
     lines = [
         f"## Budget: {budget}",
         "",
-        f"Every trained method {settings['steps']} steps x {settings['batch_size']} x {settings['seq_len']} tokens = "
+        overrides + f"Every trained method {settings['steps']} steps x {settings['batch_size']} x {settings['seq_len']} tokens = "
         f"{tokens:,} tokens of the embedded calibration mix, AdamW lr {settings['lr']:g}, seed 0, the same loop and "
         + ("data, the frozen weights in bf16 under bf16 autocast (the routing and AdamW in fp32; every model is evaluated "
            "in fp32)" if settings.get("bf16") else "data")
