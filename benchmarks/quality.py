@@ -5,6 +5,8 @@
     python benchmarks/quality.py --budget paper    # the paper's training budget and full evaluation (a GPU)
     python benchmarks/quality.py --methods teal,static-magnitude --no-dense --no-speed   # some rows (merged into the table)
     python benchmarks/quality.py --report-only     # rebuild quality.md and the plot from the cached rows
+    python benchmarks/quality.py --budget paper --methods tomoe --ratios 0.5 --train-only   # train only (a GPU);
+                                                   # the same command without --train-only evaluates the runs anywhere
     python benchmarks/quality.py --methods tomoe,static-magnitude --ratios 0.5 --steps 3 --ppl-windows 2 --limit 5 \\
         --out-dir /tmp/quality --work-dir /tmp/quality/work
 
@@ -536,10 +538,13 @@ def run(args: argparse.Namespace) -> int:
         plotted = plot_speed(merged, out / "quality_speed.png")
         atomic_write_text(out / "quality.md", markdown(merged, notes, "quality_speed.png" if plotted else None))
 
+    def row_name(method: str, target: float) -> str:  # keys the run directory and the cached evaluations
+        return f"{method}-p{round(target * 100):d}-{budget}"
+
     if args.train_only:
         for target in settings["ratios"]:
             for method in settings["methods"]:
-                run_dir = work / "runs" / f"{method}-p{round(target * 100):d}-{budget}"
+                run_dir = work / "runs" / row_name(method, target)
                 info = build_run(method, target, train_config, run_dir, progress=not args.quiet, cpu=device == "cpu")
                 print(f"trained: {run_dir} ({info.result['train_seconds']} s on {info.result['train_device']})", flush=True)
         return 0
@@ -551,7 +556,7 @@ def run(args: argparse.Namespace) -> int:
             print(table_line(rows[-1]), flush=True)
     for target in settings["ratios"]:
         for method in settings["methods"]:
-            name = f"{method}-p{round(target * 100):d}-{budget}"
+            name = row_name(method, target)
             run_dir = work / "runs" / name
             if args.report_only:
                 if not is_run_dir(run_dir) or read_run(run_dir).status != "finished":
