@@ -43,6 +43,9 @@ class ToMoEConfig:
     # masks; a tenth keeps them apart (benchmarks/quality_ablations.py, row before-hypernet-lr). One-expert runs
     # (static-learned) keep the full rate (ToMoERouting.parameter_groups).
     hypernet_lr_scale: float = 0.1
+    # Export widths that spend the budget exactly (tomoe.measure.fill_budget); off: each layer's widest expert under
+    # the noise-free decision of Eq. 15, which lands a little off the target.
+    fill_budget: bool = True
 
     def __post_init__(self) -> None:
         self.validate()
@@ -64,6 +67,8 @@ class ToMoEConfig:
             raise ToMoEError(f"hypernet-lr-scale must be a finite number >= 0, got {self.hypernet_lr_scale!r}.")
         if not isinstance(self.kd_weight, (int, float)) or not self.kd_weight > 0 or self.kd_weight == float("inf"):
             raise ToMoEError(f"kd-weight must be a finite number > 0, got {self.kd_weight!r}.")
+        if not isinstance(self.fill_budget, bool):
+            raise ToMoEError(f"fill-budget must be true or false, got {self.fill_budget!r}.")
         if self.tau <= 0:
             raise ToMoEError(f"tau must be > 0, got {self.tau!r}.")
         if self.expert_embed_dim != 2 * self.hypernet_hidden_dim:
@@ -78,5 +83,6 @@ class ToMoEConfig:
         unknown = set(values) - known
         if unknown:
             raise ToMoEError(f"unknown ToMoE config keys {sorted(unknown)}; known keys: {sorted(known)}.")
-        # Runs written before hypernet_lr_scale existed trained the Bi-GRU at the full learning rate.
-        return cls(**{"hypernet_lr_scale": 1.0, **values})
+        # Runs written before hypernet_lr_scale existed trained the Bi-GRU at the full learning rate; those written
+        # before fill_budget exported the threshold's widths.
+        return cls(**{"hypernet_lr_scale": 1.0, "fill_budget": False, **values})

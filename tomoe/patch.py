@@ -14,7 +14,8 @@
 
 ``with routing.disabled():`` runs the original dense model (the distillation teacher: one copy of the weights).
 ``routing.eval()`` switches to deterministic routing: argmax router, noise-free masks with every expert of a layer
-padded to the widest one, and, once ``routing.vo_topk`` is set (after training), V/O top-K masks. That is exactly
+padded to the widest one (or, once ``routing.mlp_widths`` is set after training, to that layer's width), and, once
+``routing.vo_topk`` is set (after training), V/O top-K masks. That is exactly
 what the exported MoE computes.
 """
 
@@ -162,6 +163,8 @@ class ToMoERouting(HookedRouting):
             else None
         )
         self.vo_topk: list[int] | None = None  # per layer K of the inference-time V/O top-K, set after training
+        # per layer width of the exported experts, set after training (tomoe.measure.fill_budget); None: the threshold's
+        self.mlp_widths: list[int] | None = None
         self.budget_target = config.target_active  # R_P's current target; the training loop anneals it
         # alpha's multiplier (tomoe.losses.update_budget_scale): training state, saved with the checkpoints
         self.register_buffer("budget_scale", torch.ones(()))
@@ -211,8 +214,9 @@ class ToMoERouting(HookedRouting):
         embeddings = self.hypernet()  # (structures, N, d_e)
         mlp_embeddings = self._mlp_embeddings(embeddings)
         expert_logits = [routing.mask_proj(mlp_embeddings[i]) for i, routing in enumerate(self.mlp)]  # (N, intermediate) each
+        widths = self.mlp_widths or [None] * num_layers
         expert_masks = [
-            routing.expert_masks(expert_logits[i], cfg.tau, cfg.mask_offset, self.stochastic)
+            routing.expert_masks(expert_logits[i], cfg.tau, cfg.mask_offset, self.stochastic, widths[i])
             for i, routing in enumerate(self.mlp)
         ]
         qk_masks: list = [None] * num_layers

@@ -371,7 +371,8 @@ def load_routing(run_dir: str | os.PathLike, model, info: RunInfo | None = None,
     """
     info = info or read_run(run_dir)
     checkpoint = checkpoint or inference_checkpoint(run_dir, info)
-    routing = get_method(info.method).attach(model, info.tomoe, info.method_config)
+    method = get_method(info.method)
+    routing = method.attach(model, info.tomoe, info.method_config)
     try:
         routing.load_state_dict(checkpoint.routing)
     except RuntimeError as error:
@@ -379,6 +380,8 @@ def load_routing(run_dir: str | os.PathLike, model, info: RunInfo | None = None,
         raise ToMoEError(f"the checkpoint of {run_dir} does not fit its model ({str(error).splitlines()[0]}).") from None
     if info.tomoe.attention == "dynamic" and info.result.get("vo_topk"):
         routing.vo_topk = list(info.result["vo_topk"])
+    if method.tomoe_masks and info.result.get("mlp_widths"):
+        routing.mlp_widths = [int(width) for width in info.result["mlp_widths"]]
     return routing.eval()
 
 

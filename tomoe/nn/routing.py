@@ -24,15 +24,16 @@ class MLPRouting(nn.Module):
         self.router = nn.Linear(hidden_size, num_experts, bias=False)
         self.mask_proj = MaskProjection(embed_dim, intermediate_size)
 
-    def expert_masks(self, logits: torch.Tensor, tau: float, offset: float, stochastic: bool) -> torch.Tensor:
+    def expert_masks(self, logits: torch.Tensor, tau: float, offset: float, stochastic: bool, width: int | None = None) -> torch.Tensor:
         """(N, intermediate) mask logits ``Proj_D(E)`` -> binary channel masks s_e (Eq. 11), one per expert.
 
-        Deterministic masks are padded: every expert keeps as many channels as the layer's widest expert, taking its
-        top-scoring channels (App. E), so all experts of a layer cost the same.
+        Deterministic masks are padded: every expert keeps ``width`` channels (default: as many as the layer's widest
+        expert keeps), its top-scoring ones (App. E), so all experts of a layer cost the same.
         """
         if stochastic:
             return st_gumbel_sigmoid(logits, tau, offset, stochastic)
-        width = int(deterministic_keep(logits, offset).sum(dim=-1).max())
+        if width is None:
+            width = int(deterministic_keep(logits, offset).sum(dim=-1).max())
         return top_k_mask(logits, width)
 
     @staticmethod
