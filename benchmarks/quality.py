@@ -282,6 +282,8 @@ def speed_of_run(method: str, run_dir: Path, dense_model) -> dict:
 
 # ------------------------------------------------------------------------------------------------ rows
 def row_for_run(method: str, target: float, info, evaluation: dict, speed: dict | None, settings: dict, device: str) -> dict:
+    from tomoe.methods import get_method
+
     result, train = info.result, info.train
     steps = train.steps
     row = {
@@ -300,6 +302,8 @@ def row_for_run(method: str, target: float, info, evaluation: dict, speed: dict 
         "train_seconds": result.get("train_seconds"),
         "budget_settings": {**budget_settings(settings), "bf16": bool(train.bf16)},  # as the run resolved it
     }
+    if get_method(info.method).tomoe_masks:  # exported with the budget fill (tomoe.measure.fill_budget) or without
+        row["export_fill"] = info.tomoe.fill_budget
     if info.method == "split-moe":
         row.update(experts=result["num_experts"], top_k=result["top_k"], partition=info.method_config["partition"],
                    shared_width=result.get("shared_width", 0))
@@ -409,7 +413,8 @@ def budget_section(budget: str, rows: list[dict]) -> list[str]:
         trained_on = row.get("train_device", "cpu")
         note = "; ".join(filter(None, [f"N={row['experts']}, k={row['top_k']}{shared}" if "experts" in row else "",
                                        row.get("speed", {}).get("speed_path", ""),
-                                       f"trained on {trained_on}" if row.get("train_tokens") and trained_on != "cpu" else ""]))
+                                       f"trained on {trained_on}" if row.get("train_tokens") and trained_on != "cpu" else "",
+                                       "exported without the budget fill" if row.get("export_fill") is False else ""]))
         lines.append(f"| {row['target_active']:g} | {row['method']} | {row['active_ratio']:.3f} | {ppl} | {_percent(row['zeroshot_avg'])} | "
                      + " | ".join(tasks) + f" | {speeds} | {row['train_tokens']:,} | {kd} | {note} |")
     lines += ["", "Lowest perplexity among the structured methods at each ratio (bold above), and TEAL's:", ""]

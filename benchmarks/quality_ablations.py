@@ -40,12 +40,17 @@ NUM_EXPERTS = 8
 # constant-alpha); rows added later set it so that they stay comparable.
 # The rows trained before hypernet_lr_scale existed had the Bi-GRU at the full learning rate (compare them with
 # before-hypernet-lr); their variants say so, so that a re-run reproduces them.
-FULL_GRU_LR = {"hypernet_lr_scale": 1.0}
+# Every row but default's was exported before the budget fill (ToMoEConfig.fill_budget) existed, with each layer's
+# widest expert as the export width; they keep that (it changes the export, not the training), so that a re-run
+# reproduces them, and before-fill is today's default without it.
+NO_FILL = {"fill_budget": False}
+FULL_GRU_LR = {"hypernet_lr_scale": 1.0, **NO_FILL}
 CONSTANT_ALPHA = {"budget_gain": 0.0, **FULL_GRU_LR}
 BALANCE_BEFORE = {"kd_weight": 1.0, "gamma": float(NUM_EXPERTS), **CONSTANT_ALPHA}  # R_L = N sum F P is gamma = N on today's sum F P
 # variant -> (ToMoEConfig changes, TrainConfig changes, code swapped in (see swapped_code), what it shows)
 VARIANTS: dict[str, tuple[dict, dict, tuple[str, ...], str]] = {
-    "default": ({}, {}, (), "today's defaults (attention auto: dense on SmolLM2's 64-dim heads; R_U at a fifth of its gradient; alpha's integral scale; the Bi-GRU at a tenth of the lr)"),
+    "default": ({}, {}, (), "today's defaults (attention auto: dense on SmolLM2's 64-dim heads; R_U at a fifth of its gradient; alpha's integral scale; the Bi-GRU at a tenth of the lr; the export fills the budget)"),
+    "before-fill": (NO_FILL, {}, (), "export widths: each layer's widest expert under the noise-free decision, without the budget fill"),
     "before-hypernet-lr": (FULL_GRU_LR, {}, (), "the Bi-GRU at the full learning rate: its embeddings saturate and the experts get the same masks"),
     "before-noise": (FULL_GRU_LR, {}, ("logistic-noise",), "item 1: logistic noise (two Gumbel samples) instead of Eq. 15's one"),
     "before-balance": (BALANCE_BEFORE, {}, (), "item 2: KD x1 and R_L = N sum F P"),
@@ -53,13 +58,13 @@ VARIANTS: dict[str, tuple[dict, dict, tuple[str, ...], str]] = {
     "before-per-token": (FULL_GRU_LR, {}, ("shared-mask-sample",), "item 3: one mask sample per expert, shared by all tokens"),
     "before-warmup": ({"budget_warmup": 0.0, **CONSTANT_ALPHA}, {}, (), "item 4: R_P aims at p from the first step"),
     "attention-dynamic": ({"attention": "dynamic", **FULL_GRU_LR}, {}, (), "item 5: attention pruned too (static Q/K, per-token V/O)"),
-    "attention-floor-0.9": ({"attention": "dynamic", "attention_floor": 0.9}, {}, (), "item 5: pruned attention keeps >= 90% of its weights"),
-    "warmup-0.25": ({"budget_warmup": 0.25}, {}, (), "R_P's target anneals from 1 to p over the first quarter of the steps instead of the first half"),
-    "warmup-0.75": ({"budget_warmup": 0.75}, {}, (), "R_P's target anneals from 1 to p over the first three quarters of the steps instead of the first half"),
-    "warmup-0": ({"budget_warmup": 0.0}, {}, (), "R_P aims at p from the first step (alpha's integral scale and the Bi-GRU's lr as today's)"),
-    "lr-3e-3": ({}, {"lr": 3e-3}, (), "a smaller learning rate"),
-    "lr-decay-0.2": ({}, {"lr_decay": 0.2}, (), "the learning rate decays linearly to 0 over the last 20% of the steps"),
-    "lr-decay-0.5": ({}, {"lr_decay": 0.5}, (), "the learning rate decays linearly to 0 over the second half (after the target warm-up)"),
+    "attention-floor-0.9": ({"attention": "dynamic", "attention_floor": 0.9, **NO_FILL}, {}, (), "item 5: pruned attention keeps >= 90% of its weights"),
+    "warmup-0.25": ({"budget_warmup": 0.25, **NO_FILL}, {}, (), "R_P's target anneals from 1 to p over the first quarter of the steps instead of the first half"),
+    "warmup-0.75": ({"budget_warmup": 0.75, **NO_FILL}, {}, (), "R_P's target anneals from 1 to p over the first three quarters of the steps instead of the first half"),
+    "warmup-0": ({"budget_warmup": 0.0, **NO_FILL}, {}, (), "R_P aims at p from the first step (alpha's integral scale and the Bi-GRU's lr as today's)"),
+    "lr-3e-3": (NO_FILL, {"lr": 3e-3}, (), "a smaller learning rate"),
+    "lr-decay-0.2": (NO_FILL, {"lr_decay": 0.2}, (), "the learning rate decays linearly to 0 over the last 20% of the steps"),
+    "lr-decay-0.5": (NO_FILL, {"lr_decay": 0.5}, (), "the learning rate decays linearly to 0 over the second half (after the target warm-up)"),
     "constant-alpha": (CONSTANT_ALPHA, {}, (), "alpha constant (the paper's), without the integral scale that drives the ratio to its target"),
     "before-union-gradient": (FULL_GRU_LR, {}, ("full-union-gradient",), "item 2: R_U with its whole gradient instead of the reference's fifth"),
 }
@@ -154,7 +159,9 @@ def write_table(rows: list[dict], out: Path, command: str) -> str:
           "same windows. Method in the script's docstring. The `before-*`, `reference-mask-twice`, `attention-dynamic` and "
           "`constant-alpha` rows were trained with the Bi-GRU at the full learning rate: `before-hypernet-lr` is the "
           "default as it was before `hypernet_lr_scale`, the others change one more thing (and some, as their `what` "
-          "says, also a constant alpha or R_U's whole gradient). The other rows change one thing of today's default.\n")
+          "says, also a constant alpha or R_U's whole gradient). The other rows change one thing of today's default. Every "
+          "row but `default` was exported without the budget fill, as `before-fill` (the fill changes the export, not "
+          "the training).\n")
     for target in sorted({r["target_active"] for r in rows}, reverse=True):
         lines = [f"| {r['variant']} | {r['what']} | {r['active_ratio']:.3f} | {r['wikitext2_ppl']:.2f} | {r['final_kd']:.3f} | "
                  f"{_mean(r.get('qk_dims') or [])} | {_mean(r.get('vo_topk') or [])} | {_mean(r.get('mlp_widths') or [])} |"

@@ -1,4 +1,5 @@
-"""Deterministic routing statistics of a trained model: expert widths, kept attention dims, active ratio."""
+"""Deterministic routing statistics of a trained model (expert widths, kept attention dims, active ratio) and the
+export widths that spend its budget exactly."""
 
 from __future__ import annotations
 
