@@ -3,6 +3,9 @@ over every threshold, and end to end: a run's measured ratio, its export and a r
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,8 +14,9 @@ from tomoe.config import ToMoEConfig
 from tomoe.export import export_run
 from tomoe.families import get_family
 from tomoe.measure import fill_budget
-from tomoe.run import TrainConfig
+from tomoe.run import TrainConfig, read_run
 
+REPO = Path(__file__).resolve().parents[1]
 # The tiny Llama: hidden 64, intermediate 128, 2 layers; 4 query / 2 key-value heads of 16 dims.
 CONFIG = tiny_llama_config()
 GEOMETRY = get_family(CONFIG).geometry(CONFIG)
@@ -84,6 +88,16 @@ def test_a_run_exports_widths_that_fill_its_budget_and_one_without_the_fill_its_
     plain = _convert(tmp_path / "plain", tiny_model_dir, tiny_text_file, fill_budget=False).result
     assert plain["mlp_widths"] == [max(widths) for widths in plain["expert_widths"]]
     assert plain["expert_widths"] == filled["expert_widths"]  # the fill changes the export, not the training
+
+    # benchmarks/refill_run.py gives the run without the fill what training it with the fill recorded.
+    spec = importlib.util.spec_from_file_location("refill_run", REPO / "benchmarks" / "refill_run.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main([str(tmp_path / "plain")]) == 0
+    refilled = read_run(tmp_path / "plain")
+    assert refilled.tomoe.fill_budget is True
+    assert refilled.result["mlp_widths"] == filled["mlp_widths"]
+    assert refilled.result["active_ratio"] == pytest.approx(filled["active_ratio"], abs=1e-9)
 
 
 def test_runs_written_before_the_fill_keep_their_widths():

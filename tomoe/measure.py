@@ -56,17 +56,12 @@ def summarize_routing(model, routing: ToMoERouting, input_ids: torch.Tensor, bat
     qk = [geometry.head_dim if m is None else int(m.sum().item()) for m in state.qk_masks]
     vo_mean = [float(s / tokens) if routing.dynamic_attention else float(geometry.head_dim) for s in vo_sums]
     vo_topk = [int(round(v)) for v in vo_mean]
-    if routing.config.fill_budget:
-        attention = sum(geometry.attention_params(q, v) for q, v in zip(qk, vo_topk))
-        mlp_widths = fill_budget(state.expert_logits, routing.config.mask_offset, geometry, routing.config.target_active, attention)
-    else:
-        mlp_widths = [int(masks.sum(dim=-1).max()) for masks in state.expert_masks]
+    mlp_widths, ratio = export_widths(routing, state, qk, vo_topk)
     routing.mlp_widths = mlp_widths
-    exported = Widths(*([torch.tensor(float(v)) for v in values] for values in (mlp_widths, qk, vo_topk)))
     routing.vo_topk = vo_topk if routing.dynamic_attention else None
     routing.train(was_training)
     return RoutingSummary(
-        active_ratio=float(active_ratio(exported, geometry)),
+        active_ratio=ratio,
         expert_widths=routing.learned_expert_widths(),
         mlp_widths=mlp_widths,
         qk_dims=qk,
@@ -75,6 +70,20 @@ def summarize_routing(model, routing: ToMoERouting, input_ids: torch.Tensor, bat
         expert_load=(loads / tokens).tolist(),
         tokens=tokens,
     )
+
+
+def export_widths(routing: ToMoERouting, state, qk_dims: list[int], vo_topk: list[int]) -> tuple[list[int], float]:
+    """Per layer MLP width of the export and its active ratio, given the attention's kept dims: :func:`fill_budget`
+    when the config's ``fill_budget`` is on, else each layer's widest expert. ``state``: deterministic masks computed
+    with ``routing.mlp_widths = None`` (the threshold's)."""
+    geometry = routing.geometry
+    if routing.config.fill_budget:
+        attention = sum(geometry.attention_params(q, v) for q, v in zip(qk_dims, vo_topk))
+        mlp_widths = fill_budget(state.expert_logits, routing.config.mask_offset, geometry, routing.config.target_active, attention)
+    else:
+        mlp_widths = [int(masks.sum(dim=-1).max()) for masks in state.expert_masks]
+    exported = Widths(*([torch.tensor(float(v)) for v in values] for values in (mlp_widths, qk_dims, vo_topk)))
+    return mlp_widths, float(active_ratio(exported, geometry))
 
 
 @torch.no_grad()
