@@ -11,6 +11,7 @@ import torch
 
 from conftest import tiny_llama_config
 from tomoe.config import ToMoEConfig
+from tomoe.errors import ToMoEError
 from tomoe.export import export_run
 from tomoe.families import get_family
 from tomoe.measure import fill_budget
@@ -104,5 +105,5 @@ def test_runs_written_before_the_fill_keep_their_widths():
     saved = ToMoEConfig().to_dict()
     del saved["fill_budget"]
     assert ToMoEConfig.from_dict(saved).fill_budget is False
-    with pytest.raises(Exception, match="fill-budget must be true or false"):
+    with pytest.raises(ToMoEError, match="fill-budget must be true or false"):
         ToMoEConfig(fill_budget="yes")
